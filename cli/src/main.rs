@@ -1,0 +1,2 @@
+//! `nixenv`: the operator CLI. Thin glue over `nixenv_core`.
+fn main() {}

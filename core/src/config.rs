@@ -1,0 +1,310 @@
+//! `config.toml`: kebab-case keys like nix.conf; an unknown key or a bad value is an error naming it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// Where the configuration is read from when `$NIXENV_CONFIG` is unset.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixenv/config.toml";
+/// Default `state-dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixenv";
+
+/// What to do when the catalog cannot be reached while resolving `org/app` (current generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatalogOffline {
+    /// Use the last known current lock, with a warning.
+    #[default]
+    UseCached,
+    /// Fail the container.
+    Fail,
+}
+
+/// The node's configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Base URL of the environment catalog (`https://`, `http://`, `file://`).
+    pub catalog: Option<Url>,
+    /// Binary caches, tried in order.
+    pub substituters: Vec<Url>,
+    /// `name:base64` ed25519 public keys.
+    pub trusted_public_keys: Vec<String>,
+    /// Whether narinfos must carry a signature from a trusted key.
+    pub require_sigs: bool,
+    /// Root of nixenv's state: `store/`, pins, caches.
+    pub state_dir: PathBuf,
+    /// netrc file with credentials for private caches and catalogs.
+    pub netrc_file: Option<PathBuf>,
+    /// The real runc; `None` means `runc` on PATH.
+    pub runc: Option<PathBuf>,
+    /// Behaviour when the catalog is unreachable.
+    pub catalog_offline: CatalogOffline,
+    /// The node's Nix system (`x86_64-linux`, `aarch64-linux`); defaults to this machine's.
+    pub system: String,
+    /// Parallel HTTP requests (narinfo walk and NAR downloads).
+    pub http_connections: usize,
+    /// Timeout to connect to a cache or catalog.
+    pub connect_timeout: Duration,
+    /// Timeout without progress on a request (a stalled server).
+    pub stall_timeout: Duration,
+    /// Attempts per request for retryable failures (5xx, resets), including the first.
+    pub download_attempts: u32,
+    /// `nixenv gc`: keep paths used within this long.
+    pub gc_keep_since: Option<Duration>,
+    /// `nixenv gc`: shrink the store below this many bytes.
+    pub gc_max_size: Option<u64>,
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: bad value for `{key}`: {value:?}: {reason}")]
+    BadValue {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A list given either as a TOML array or, like nix.conf, as one whitespace-separated string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ListOrWords {
+    List(Vec<String>),
+    Words(String),
+}
+
+impl ListOrWords {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            ListOrWords::List(v) => v,
+            ListOrWords::Words(s) => s.split_whitespace().map(str::to_owned).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    catalog: Option<String>,
+    substituters: Option<ListOrWords>,
+    trusted_public_keys: Option<ListOrWords>,
+    require_sigs: Option<bool>,
+    state_dir: Option<PathBuf>,
+    netrc_file: Option<PathBuf>,
+    runc: Option<PathBuf>,
+    catalog_offline: Option<CatalogOffline>,
+    system: Option<String>,
+    http_connections: Option<i64>,
+    connect_timeout: Option<String>,
+    stall_timeout: Option<String>,
+    download_attempts: Option<i64>,
+    gc_keep_since: Option<String>,
+    gc_max_size: Option<String>,
+}
+
+/// This machine's Nix system name.
+pub fn native_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            catalog: None,
+            substituters: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            require_sigs: true,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            netrc_file: None,
+            runc: None,
+            catalog_offline: CatalogOffline::UseCached,
+            system: native_system(),
+            http_connections: 32,
+            connect_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
+            download_attempts: 5,
+            gc_keep_since: None,
+            gc_max_size: None,
+        }
+    }
+}
+
+impl Config {
+    /// The path named by `$NIXENV_CONFIG`, or the default.
+    pub fn default_path() -> PathBuf {
+        std::env::var_os("NIXENV_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    /// Loads `$NIXENV_CONFIG` or `/etc/nixenv/config.toml`. A missing default file gives the defaults;
+    /// a missing file named by `$NIXENV_CONFIG` is an error.
+    pub fn load() -> Result<Config, ConfigError> {
+        let explicit = std::env::var_os("NIXENV_CONFIG").is_some_and(|v| !v.is_empty());
+        let path = Self::default_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml_str(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Loads a given file.
+    pub fn load_from(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line_toml_error(&e, text),
+        })?;
+        let bad = |key: &'static str, value: &str, reason: String| ConfigError::BadValue {
+            path: path.to_owned(),
+            key,
+            value: value.to_owned(),
+            reason,
+        };
+        let mut cfg = Config::default();
+        if let Some(c) = raw.catalog {
+            cfg.catalog = Some(parse_url(&c).map_err(|r| bad("catalog", &c, r))?);
+        }
+        if let Some(list) = raw.substituters {
+            cfg.substituters = list
+                .into_vec()
+                .iter()
+                .map(|s| parse_url(s).map_err(|r| bad("substituters", s, r)))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(keys) = raw.trusted_public_keys {
+            cfg.trusted_public_keys = keys.into_vec();
+            for k in &cfg.trusted_public_keys {
+                crate::nix::PublicKey::parse(k)
+                    .map_err(|e| bad("trusted-public-keys", k, e.to_string()))?;
+            }
+        }
+        if let Some(v) = raw.require_sigs {
+            cfg.require_sigs = v;
+        }
+        if let Some(d) = raw.state_dir {
+            if !d.is_absolute() {
+                return Err(bad(
+                    "state-dir",
+                    &d.display().to_string(),
+                    "must be an absolute path".into(),
+                ));
+            }
+            cfg.state_dir = d;
+        }
+        cfg.netrc_file = raw.netrc_file;
+        cfg.runc = raw.runc;
+        if let Some(o) = raw.catalog_offline {
+            cfg.catalog_offline = o;
+        }
+        if let Some(s) = raw.system {
+            if !s.contains('-') || s.chars().any(|c| c.is_whitespace()) {
+                return Err(bad("system", &s, "expected a Nix system like x86_64-linux".into()));
+            }
+            cfg.system = s;
+        }
+        if let Some(n) = raw.http_connections {
+            if !(1..=1024).contains(&n) {
+                return Err(bad("http-connections", &n.to_string(), "must be 1 to 1024".into()));
+            }
+            cfg.http_connections = n as usize;
+        }
+        if let Some(n) = raw.download_attempts {
+            if !(1..=100).contains(&n) {
+                return Err(bad("download-attempts", &n.to_string(), "must be 1 to 100".into()));
+            }
+            cfg.download_attempts = n as u32;
+        }
+        let duration = |key: &'static str, v: &str| {
+            humantime::parse_duration(v).map_err(|e| bad(key, v, e.to_string()))
+        };
+        if let Some(v) = raw.connect_timeout {
+            cfg.connect_timeout = duration("connect-timeout", &v)?;
+        }
+        if let Some(v) = raw.stall_timeout {
+            cfg.stall_timeout = duration("stall-timeout", &v)?;
+        }
+        if let Some(v) = raw.gc_keep_since {
+            cfg.gc_keep_since = Some(duration("gc-keep-since", &v)?);
+        }
+        if let Some(v) = raw.gc_max_size {
+            cfg.gc_max_size = Some(parse_size(&v).map_err(|r| bad("gc-max-size", &v, r))?);
+        }
+        if cfg.require_sigs && !cfg.substituters.is_empty() && cfg.trusted_public_keys.is_empty() {
+            return Err(bad(
+                "trusted-public-keys",
+                "",
+                "empty while require-sigs = true: no narinfo could be accepted".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// `{state-dir}/store`.
+    pub fn store_dir(&self) -> PathBuf {
+        self.state_dir.join("store")
+    }
+}
+
+fn parse_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| e.to_string())?;
+    match url.scheme() {
+        "http" | "https" | "file" => Ok(url),
+        other => Err(format!("unsupported scheme {other:?} (use https://, http:// or file://)")),
+    }
+}
+
+/// Parses `10G`, `512M`, `2048`, `1.5T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| "expected a size like 20G or 512M".to_string())?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} (use K, M, G or T)")),
+    };
+    if !n.is_finite() || n < 0.0 {
+        return Err("expected a non-negative size".into());
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
+        None => msg,
+    }
+}

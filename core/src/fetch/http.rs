@@ -1,0 +1,1 @@
+//! TODO(substituter helper): reqwest + file:// implementation of Fetch, netrc, retries

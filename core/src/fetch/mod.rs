@@ -1,0 +1,81 @@
+//! The network edge: GET a URL (`http://`, `https://`, `file://`) as a byte stream.
+//!
+//! Logic that fetches (substituter, catalog) is generic over [`Fetch`], so tests can
+//! inject failures without a server; production uses [`http::HttpFetcher`].
+
+pub mod http;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use url::Url;
+
+/// A response body, streamed.
+pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, FetchError>> + Send>>;
+
+/// Why a fetch failed. `NotFound` is not an error for callers that try several caches.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: not found")]
+    NotFound { url: Url },
+    #[error("{url}: HTTP {status}")]
+    Status { url: Url, status: u16 },
+    #[error("{url}: {message}")]
+    Transport {
+        url: Url,
+        message: String,
+        /// Worth retrying (connection reset, timeout, 5xx).
+        retryable: bool,
+    },
+    #[error("{url}: {source}")]
+    Io {
+        url: Url,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: response larger than {limit} bytes")]
+    TooLarge { url: Url, limit: u64 },
+}
+
+impl FetchError {
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Status { status, .. } => *status >= 500 || *status == 429,
+            FetchError::Transport { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+}
+
+/// GET over some transport.
+pub trait Fetch: Send + Sync + 'static {
+    /// Starts a GET; the body streams. `Err(FetchError::NotFound)` on HTTP 404/410 or a missing file.
+    fn get(&self, url: &Url) -> impl Future<Output = Result<Body, FetchError>> + Send;
+
+    /// GET the whole body, refusing more than `limit` bytes.
+    fn get_bytes(
+        &self,
+        url: &Url,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, FetchError>> + Send {
+        async move {
+            use futures::StreamExt;
+            let mut body = self.get(url).await?;
+            let mut out = Vec::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                if out.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(FetchError::TooLarge {
+                        url: url.clone(),
+                        limit,
+                    });
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! nixenv core library.
+//!
+//! One concept per file:
+//! - [`nix`]: Nix formats (store paths, nixbase32, hashes, narinfo, signatures, NAR), pure and I/O-free;
+//! - [`config`]: `/etc/nixenv/config.toml`;
+//! - [`fetch`]: the HTTP/`file://` edge, as a trait;
+//! - [`substituter`]: closures from binary caches, streamed into the store;
+//! - [`store`]: the node store (atomic install, locks, crash cleanup);
+//! - [`environment`]: references, catalog, locks, resolution cache, publishing;
+//! - [`spec`]: the OCI runtime spec rewrite;
+//! - [`pin`]: GC roots held by running containers;
+//! - [`runtime`]: the one call the shim, the runc wrapper and the hook make.
+
+pub mod config;
+pub mod environment;
+pub mod fetch;
+pub mod nix;
+pub mod pin;
+pub mod runtime;
+pub mod spec;
+pub mod store;
+pub mod substituter;
+
+/// `nixenv/<version>`, used as the HTTP User-Agent.
+pub const USER_AGENT: &str = concat!("nixenv/", env!("CARGO_PKG_VERSION"));

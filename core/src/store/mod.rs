@@ -1,0 +1,3 @@
+//! The node store at `{state-dir}/store` (owned by the substituter/store helper).
+
+pub mod unpack;

@@ -1,0 +1,1 @@
+//! TODO(formats helper): safe NAR unpacking into a directory
