@@ -24,7 +24,9 @@ pub type FileHash = NarHash;
 pub enum HashError {
     #[error("hash {input:?} has unsupported type (expected sha256)")]
     UnsupportedType { input: String },
-    #[error("hash {input:?} has length {len} (expected 52 nixbase32, 64 hex or 44 base64 characters)")]
+    #[error(
+        "hash {input:?} has length {len} (expected 52 nixbase32, 64 hex or 44 base64 characters)"
+    )]
     BadLength { input: String, len: usize },
     #[error("hash {input:?} is not valid nixbase32: {source}")]
     Base32 {
@@ -49,7 +51,9 @@ impl NarHash {
             return Self::from_base64(s, b64);
         }
         let Some(rest) = s.strip_prefix("sha256:") else {
-            return Err(HashError::UnsupportedType { input: s.to_owned() });
+            return Err(HashError::UnsupportedType {
+                input: s.to_owned(),
+            });
         };
         match rest.len() {
             52 => nixbase32::decode_array::<32>(rest)

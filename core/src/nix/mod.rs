@@ -7,10 +7,11 @@ pub mod nixbase32;
 pub mod signature;
 pub mod store_path;
 
-pub use hash::NarHash;
-pub use narinfo::NarInfo;
-pub use signature::{PublicKey, Signature, TrustedKeys};
-pub use store_path::StorePath;
+pub use hash::{FileHash, HashError, HashingReader, NarHash};
+pub use nar::{NarError, NarLimits, NarPath, NarVisitor};
+pub use narinfo::{Compression, NarInfo, NarInfoError};
+pub use signature::{PublicKey, SecretKey, Signature, SignatureError, TrustedKeys};
+pub use store_path::{StorePath, StorePathError};
 
 /// The Nix store directory as seen inside containers (and in every narinfo).
 pub const STORE_DIR: &str = "/nix/store";

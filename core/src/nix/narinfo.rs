@@ -30,6 +30,16 @@ impl Compression {
             Compression::Bzip2 => "bzip2",
         }
     }
+
+    /// The file name suffix `nix copy` gives NARs so compressed (`.xz`, `.zst`, `.bz2`, ``).
+    pub fn extension(&self) -> &'static str {
+        match self {
+            Compression::None => "",
+            Compression::Xz => ".xz",
+            Compression::Zstd => ".zst",
+            Compression::Bzip2 => ".bz2",
+        }
+    }
 }
 
 impl FromStr for Compression {
@@ -179,11 +189,18 @@ impl NarInfo {
                 continue;
             };
             let path = |v: &str| {
-                StorePath::from_absolute_path(v)
-                    .map_err(|source| NarInfoError::BadStorePath { field, line, source })
+                StorePath::from_absolute_path(v).map_err(|source| NarInfoError::BadStorePath {
+                    field,
+                    line,
+                    source,
+                })
             };
             let hash = |v: &str| {
-                NarHash::parse(v).map_err(|source| NarInfoError::BadHash { field, line, source })
+                NarHash::parse(v).map_err(|source| NarInfoError::BadHash {
+                    field,
+                    line,
+                    source,
+                })
             };
             let number = |v: &str| {
                 v.parse::<u64>().map_err(|_| NarInfoError::BadNumber {
@@ -221,7 +238,11 @@ impl NarInfo {
                         .filter(|r| !r.is_empty())
                         .map(|r| {
                             StorePath::from_base_name(r).map_err(|source| {
-                                NarInfoError::BadStorePath { field, line, source }
+                                NarInfoError::BadStorePath {
+                                    field,
+                                    line,
+                                    source,
+                                }
                             })
                         })
                         .collect::<Result<Vec<_>, _>>()?;
@@ -232,7 +253,11 @@ impl NarInfo {
                         None
                     } else {
                         Some(StorePath::from_base_name(value).map_err(|source| {
-                            NarInfoError::BadStorePath { field, line, source }
+                            NarInfoError::BadStorePath {
+                                field,
+                                line,
+                                source,
+                            }
                         })?)
                     };
                     set_once(&mut deriver, field, line, d)?
@@ -406,19 +431,32 @@ mod tests {
     #[test]
     fn errors_name_field_and_line() {
         let s = sample();
-        let dup = s.replace("System: x86_64-linux\n", "System: x86_64-linux\nNarSize: 1\n");
+        let dup = s.replace(
+            "System: x86_64-linux\n",
+            "System: x86_64-linux\nNarSize: 1\n",
+        );
         assert_eq!(
             NarInfo::parse(&dup).unwrap_err().to_string(),
             "narinfo line 11: duplicate field NarSize"
         );
-        let missing = s.replace("URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz\n", "");
+        let missing = s.replace(
+            "URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz\n",
+            "",
+        );
         assert_eq!(
             NarInfo::parse(&missing).unwrap_err().to_string(),
             "narinfo: missing field URL"
         );
         for f in ["StorePath", "NarHash", "NarSize"] {
-            let t: String = s.lines().filter(|l| !l.starts_with(&format!("{f}:"))).map(|l| format!("{l}\n")).collect();
-            assert_eq!(NarInfo::parse(&t).unwrap_err(), NarInfoError::MissingField { field: f });
+            let t: String = s
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{f}:")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert_eq!(
+                NarInfo::parse(&t).unwrap_err(),
+                NarInfoError::MissingField { field: f }
+            );
         }
         let bad = s.replace("NarSize: 226560", "NarSize: lots");
         assert_eq!(
@@ -431,12 +469,28 @@ mod tests {
             "narinfo line 3: bad Compression: unsupported compression \"br\" (supported: none, xz, zstd, bzip2)"
         );
         let bad = s.replace("NarHash: sha256:", "NarHash: md5:");
-        assert!(NarInfo::parse(&bad).unwrap_err().to_string().starts_with("narinfo line 6: bad NarHash: "));
+        assert!(NarInfo::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("narinfo line 6: bad NarHash: "));
         let bad = s.replace("References: 7h7q", "References: 7h7e");
-        assert!(NarInfo::parse(&bad).unwrap_err().to_string().starts_with("narinfo line 8: bad References: "));
+        assert!(NarInfo::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("narinfo line 8: bad References: "));
         let bad = s.replace("System: x86_64-linux", "System x86_64-linux");
-        assert_eq!(NarInfo::parse(&bad).unwrap_err(), NarInfoError::MalformedLine { line: 10 });
-        let dup_sp = format!("{s}StorePath: /nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1\n");
-        assert!(matches!(NarInfo::parse(&dup_sp), Err(NarInfoError::DuplicateField { field: "StorePath", line: 14 })));
+        assert_eq!(
+            NarInfo::parse(&bad).unwrap_err(),
+            NarInfoError::MalformedLine { line: 10 }
+        );
+        let dup_sp =
+            format!("{s}StorePath: /nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1\n");
+        assert!(matches!(
+            NarInfo::parse(&dup_sp),
+            Err(NarInfoError::DuplicateField {
+                field: "StorePath",
+                line: 14
+            })
+        ));
     }
 }

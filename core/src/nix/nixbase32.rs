@@ -76,7 +76,9 @@ pub fn decode(s: &str) -> Result<Vec<u8>, Base32Error> {
         if i + 1 < n {
             out[i + 1] |= carry;
         } else if carry != 0 {
-            return Err(Base32Error::NonZeroPadding { input: s.to_owned() });
+            return Err(Base32Error::NonZeroPadding {
+                input: s.to_owned(),
+            });
         }
     }
     Ok(out)
@@ -137,11 +139,17 @@ mod tests {
     fn errors() {
         assert_eq!(
             decode("0e"),
-            Err(Base32Error::InvalidCharacter { character: 'e', position: 1 })
+            Err(Base32Error::InvalidCharacter {
+                character: 'e',
+                position: 1
+            })
         );
         assert_eq!(decode("000"), Err(Base32Error::InvalidLength { len: 3 }));
         // One byte takes two characters; the first carries 3 bits only.
-        assert!(matches!(decode("z0"), Err(Base32Error::NonZeroPadding { .. })));
+        assert!(matches!(
+            decode("z0"),
+            Err(Base32Error::NonZeroPadding { .. })
+        ));
         assert_eq!(decode("7z").unwrap(), vec![0xff]);
         assert!(decode_array::<20>("00").is_err());
     }

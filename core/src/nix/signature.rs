@@ -65,7 +65,7 @@ fn seen(keys: &[String]) -> String {
     }
 }
 
-fn split_named<'a>(s: &'a str) -> Option<(&'a str, &'a str)> {
+fn split_named(s: &str) -> Option<(&str, &str)> {
     let (name, b64) = s.split_once(':')?;
     if name.is_empty() {
         return None;
@@ -187,7 +187,11 @@ impl SecretKey {
 
     /// `name:base64(64 bytes)`, the form [`SecretKey::parse`] reads.
     pub fn to_nix_string(&self) -> String {
-        format!("{}:{}", self.name, BASE64.encode(self.key.to_keypair_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(self.key.to_keypair_bytes())
+        )
     }
 }
 
@@ -317,12 +321,20 @@ mod tests {
         t.nar_size += 1;
         assert_eq!(
             trusted.verify(&t).unwrap_err(),
-            SignatureError::BadSignature { key: "cache-1".into() }
+            SignatureError::BadSignature {
+                key: "cache-1".into()
+            }
         );
-        assert_eq!(trusted.verify(&t).unwrap_err().to_string(), "bad signature by key cache-1");
+        assert_eq!(
+            trusted.verify(&t).unwrap_err().to_string(),
+            "bad signature by key cache-1"
+        );
         let mut t = ni.clone();
         t.references.clear();
-        assert!(matches!(trusted.verify(&t), Err(SignatureError::BadSignature { .. })));
+        assert!(matches!(
+            trusted.verify(&t),
+            Err(SignatureError::BadSignature { .. })
+        ));
         // Unsigned fields (URL, compression) may change.
         let mut t = ni.clone();
         t.url = "nar/y.nar.zst".into();
@@ -332,11 +344,17 @@ mod tests {
         let impostor = SecretKey::from_seed("cache-1", [9; 32]);
         let mut t = info();
         impostor.sign_narinfo(&mut t);
-        assert_eq!(trusted.verify(&t).unwrap_err().to_string(), "bad signature by key cache-1");
+        assert_eq!(
+            trusted.verify(&t).unwrap_err().to_string(),
+            "bad signature by key cache-1"
+        );
         // A malformed sig by a trusted name is a bad signature, and a good one later still wins.
         let mut t = info();
         t.sigs.push("cache-1:garbage".into());
-        assert!(matches!(trusted.verify(&t), Err(SignatureError::BadSignature { .. })));
+        assert!(matches!(
+            trusted.verify(&t),
+            Err(SignatureError::BadSignature { .. })
+        ));
         sk.sign_narinfo(&mut t);
         assert!(trusted.verify(&t).is_ok());
     }

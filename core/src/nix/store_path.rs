@@ -188,12 +188,12 @@ mod tests {
         let p = StorePath::from_absolute_path(P).unwrap();
         assert_eq!(p.name(), "hello-2.12.1");
         assert_eq!(p.hash_part(), "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz");
-        assert_eq!(p.base_name(), "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1");
-        assert_eq!(p.to_string(), P);
         assert_eq!(
-            StorePath::from_base_name(&p.base_name()).unwrap(),
-            p
+            p.base_name(),
+            "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1"
         );
+        assert_eq!(p.to_string(), P);
+        assert_eq!(StorePath::from_base_name(&p.base_name()).unwrap(), p);
         assert_eq!(P.parse::<StorePath>().unwrap(), p);
         assert_eq!(StorePath::new(*p.digest(), p.name()).unwrap(), p);
         assert_eq!(nixbase32::encode(p.digest()), p.hash_part());
@@ -219,9 +219,14 @@ mod tests {
         ] {
             let e = StorePath::from_absolute_path(&s).unwrap_err().to_string();
             assert!(e.contains(why), "{s}: {e}");
-            assert!(e.starts_with(&format!("{s:?} is not a store path: ")), "{e}");
+            assert!(
+                e.starts_with(&format!("{s:?} is not a store path: ")),
+                "{e}"
+            );
         }
-        assert!(StorePath::from_absolute_path(&format!("/nix/store/{h}-{}", "a".repeat(211))).is_ok());
+        assert!(
+            StorePath::from_absolute_path(&format!("/nix/store/{h}-{}", "a".repeat(211))).is_ok()
+        );
         assert!(StorePath::from_base_name(&format!("{h}-a+b-c._?=Z9")).is_ok());
         assert!(StorePath::from_base_name(&format!("/nix/store/{h}-hello")).is_err());
     }
