@@ -1,18 +1,48 @@
 //! The one call the shim, the runc wrapper and the hooks make: decide whether a container is
 //! nixenv's, resolve and materialise its environment, pin it, and rewrite its spec.
 //!
-//! STUB: until the environment helper lands, every spec passes through untouched.
+//! A container is nixenv's when its spec carries `nix.dev/environment`, it is not the pod
+//! sandbox (containerd CRI `io.kubernetes.cri.container-type = sandbox`, CRI-O
+//! `io.kubernetes.cri-o.ContainerType = sandbox`), and its name
+//! (`io.kubernetes.cri.container-name` or `io.kubernetes.container.name`) is not listed in
+//! `nix.dev/skip-containers`. Anything else passes through untouched.
+//!
+//! For nixenv's containers: parse the reference, resolve it (catalog and resolution cache),
+//! pin the lock's paths for the container, materialise their closure, pin the closure, and
+//! rewrite the spec ([`crate::spec::rewrite()`]). On any failure after pinning the pin is removed,
+//! so nothing is left half-done. [`release`] removes the pin when the container is deleted.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 
 use oci_spec::runtime::Spec;
 
 use crate::config::Config;
+use crate::environment::{resolve, Reference, ReferenceError, ResolveError, Resolved};
+use crate::fetch::http::HttpFetcher;
+use crate::fetch::netrc::NetrcError;
+use crate::fetch::Fetch;
+use crate::nix::StorePath;
+use crate::pin::{self, Pin, PinError};
+use crate::spec::{self, BundleConfig, BundleError};
+use crate::store::Closure;
+use crate::substituter::{self, NoProgress, SubstituteError};
+
+pub use crate::pin::{Owner, OwnerKind};
 
 /// The annotation naming the environment.
 pub const ENVIRONMENT_ANNOTATION: &str = "nix.dev/environment";
 /// Comma-separated container names left untouched.
 pub const SKIP_CONTAINERS_ANNOTATION: &str = "nix.dev/skip-containers";
+/// containerd CRI: `sandbox` or `container`.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI-O: `sandbox` or `container`.
+pub const CRIO_CONTAINER_TYPE: &str = "io.kubernetes.cri-o.ContainerType";
+/// containerd CRI: the container's name in the pod.
+pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+/// CRI-O (and the kubelet's labels): the container's name in the pod.
+pub const K8S_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 
 /// What [`prepare_spec`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,37 +65,702 @@ pub struct Prepared {
 }
 
 /// Why a container could not be prepared. `Display` is the one-line error users see
-/// (without the `nixenv: ` prefix, which binaries add).
+/// (without the `nixenv: ` prefix, which binaries add); it names the reference and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("{path}: {source}")]
+    /// config.json could not be read, parsed or written.
+    #[error("{}{source}", reference_prefix(.reference))]
     Bundle {
-        path: String,
+        /// The reference, once known.
+        reference: Option<String>,
         #[source]
-        source: std::io::Error,
+        source: BundleError,
+    },
+    /// The annotation is not a valid reference (the message quotes it).
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("{reference}: {source}")]
+    Resolve {
+        reference: String,
+        #[source]
+        source: Box<ResolveError>,
+    },
+    #[error("{reference}: {source}")]
+    Substitute {
+        reference: String,
+        #[source]
+        source: Box<SubstituteError>,
+    },
+    #[error("{reference}: {source}")]
+    Pin {
+        reference: String,
+        #[source]
+        source: PinError,
+    },
+    #[error("{reference}: {source}")]
+    Netrc {
+        reference: String,
+        #[source]
+        source: NetrcError,
     },
 }
 
-/// Decides, resolves, materialises, pins `container_id` and rewrites `spec` in place.
-pub async fn prepare_spec(
-    _cfg: &Config,
-    _container_id: &str,
-    _spec: &mut Spec,
+fn reference_prefix(r: &Option<String>) -> String {
+    r.as_ref().map(|r| format!("{r}: ")).unwrap_or_default()
+}
+
+/// Materialises closures into the node store; a trait so runtime logic is testable without
+/// caches.
+pub trait Materialise: Send + Sync {
+    /// The closure of `roots`, every path valid in the node store.
+    fn materialise(
+        &self,
+        roots: &[StorePath],
+    ) -> impl Future<Output = Result<Closure, SubstituteError>> + Send;
+}
+
+/// The production [`Materialise`]: the configured substituters (no HTTP client at all when
+/// the closure is already in the store).
+pub struct Substituters<'a> {
+    cfg: &'a Config,
+}
+
+impl<'a> Substituters<'a> {
+    /// For `cfg`.
+    pub fn new(cfg: &'a Config) -> Self {
+        Substituters { cfg }
+    }
+}
+
+impl Materialise for Substituters<'_> {
+    fn materialise(
+        &self,
+        roots: &[StorePath],
+    ) -> impl Future<Output = Result<Closure, SubstituteError>> + Send {
+        substituter::materialise(self.cfg, roots, &NoProgress)
+    }
+}
+
+/// The environment annotation's value if the container with these annotations is nixenv's;
+/// `None` to pass it through.
+pub fn wanted(annotations: &HashMap<String, String>) -> Option<&str> {
+    let value = annotations.get(ENVIRONMENT_ANNOTATION)?;
+    let is_sandbox = [CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE]
+        .iter()
+        .any(|k| annotations.get(*k).is_some_and(|t| t == "sandbox"));
+    if is_sandbox {
+        return None;
+    }
+    let name = annotations
+        .get(CRI_CONTAINER_NAME)
+        .or_else(|| annotations.get(K8S_CONTAINER_NAME));
+    if let (Some(name), Some(skip)) = (name, annotations.get(SKIP_CONTAINERS_ANNOTATION)) {
+        if skip
+            .split(',')
+            .map(str::trim)
+            .any(|s| !s.is_empty() && s == name)
+        {
+            return None;
+        }
+    }
+    Some(value.as_str())
+}
+
+/// Whether `path` has a `bin/` (a directory, or a symlink as in profiles) in the node store.
+pub fn store_has_bin(store_dir: &Path, path: &StorePath) -> bool {
+    std::fs::symlink_metadata(store_dir.join(path.base_name()).join("bin"))
+        .is_ok_and(|m| m.is_dir() || m.is_symlink())
+}
+
+/// A resolved, materialised and pinned environment; the pin goes unless [`Ready::keep`].
+struct Ready<'a> {
+    resolved: Resolved,
+    closure: Vec<StorePath>,
+    annotated: String,
+    guard: PinGuard<'a>,
+}
+
+impl Ready<'_> {
+    /// The container is prepared: keep its pin.
+    fn keep(self) -> Prepared {
+        let prepared = self.prepared();
+        self.guard.keep();
+        prepared
+    }
+
+    fn prepared(&self) -> Prepared {
+        Prepared {
+            reference: self.annotated.clone(),
+            generation: self.resolved.generation,
+            closure: self.closure.iter().map(|p| p.to_absolute_path()).collect(),
+        }
+    }
+
+    fn rewrite(&self, cfg: &Config, spec: &mut Spec) {
+        let store_dir = cfg.store_dir();
+        let env = spec::Environment {
+            reference: &self.annotated,
+            generation: self.resolved.generation,
+            paths: &self.resolved.paths,
+            env: &self.resolved.env,
+            closure: &self.closure,
+        };
+        spec::rewrite(spec, &env, &store_dir, |p| store_has_bin(&store_dir, p));
+    }
+}
+
+/// Resolve, pin the roots, materialise, pin the closure; unpins on failure.
+async fn make_ready<'a, F: Fetch, M: Materialise>(
+    cfg: &'a Config,
+    fetch: &F,
+    materialiser: &M,
+    container_id: &'a str,
+    annotated: &str,
+    owner: &Owner,
+) -> Result<Ready<'a>, RuntimeError> {
+    let reference: Reference = annotated.parse()?;
+    let pin_err = |source| RuntimeError::Pin {
+        reference: annotated.to_owned(),
+        source,
+    };
+    pin::check_container_id(container_id).map_err(pin_err)?;
+    let resolved =
+        resolve(cfg, fetch, &reference)
+            .await
+            .map_err(|source| RuntimeError::Resolve {
+                reference: annotated.to_owned(),
+                source: Box::new(source),
+            })?;
+    let mut record = Pin::new(
+        container_id,
+        annotated,
+        resolved.generation,
+        resolved.paths.clone(),
+        owner.clone(),
+    );
+    pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
+    // From here on the pin is removed on failure, and also if this future is dropped
+    // (a cancelled CreateContainer): nothing is left half-done.
+    let guard = PinGuard {
+        cfg,
+        container_id,
+        armed: true,
+    };
+    let closure = materialiser
+        .materialise(&resolved.paths)
+        .await
+        .map_err(|source| RuntimeError::Substitute {
+            reference: annotated.to_owned(),
+            source: Box::new(source),
+        })?;
+    record.closure = closure.paths;
+    pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
+    tracing::info!(
+        container = %container_id,
+        reference = %annotated,
+        generation = ?resolved.generation,
+        source = ?resolved.source,
+        paths = record.closure.len(),
+        "environment ready"
+    );
+    Ok(Ready {
+        resolved,
+        closure: record.closure,
+        annotated: annotated.to_owned(),
+        guard,
+    })
+}
+
+/// Removes a container's pin when dropped armed.
+struct PinGuard<'a> {
+    cfg: &'a Config,
+    container_id: &'a str,
+    armed: bool,
+}
+
+impl PinGuard<'_> {
+    /// Keeps the pin.
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PinGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            undo_pin(self.cfg, self.container_id);
+        }
+    }
+}
+
+fn undo_pin(cfg: &Config, container_id: &str) {
+    if let Err(e) = pin::unpin(&cfg.state_dir, container_id) {
+        tracing::warn!(container = %container_id, error = %e, "cannot remove pin after a failure");
+    }
+}
+
+/// [`prepare_spec_as`] with an injected catalog transport and materialiser.
+pub async fn prepare_spec_with<F: Fetch, M: Materialise>(
+    cfg: &Config,
+    fetch: &F,
+    materialiser: &M,
+    container_id: &str,
+    spec: &mut Spec,
+    owner: &Owner,
 ) -> Result<Decision, RuntimeError> {
-    Ok(Decision::PassThrough)
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let Some(annotated) = wanted(&annotations) else {
+        return Ok(Decision::PassThrough);
+    };
+    let ready = make_ready(cfg, fetch, materialiser, container_id, annotated, owner).await?;
+    ready.rewrite(cfg, spec);
+    Ok(Decision::Rewritten(ready.keep()))
+}
+
+/// [`prepare_bundle_as`] with an injected catalog transport and materialiser.
+pub async fn prepare_bundle_with<F: Fetch, M: Materialise>(
+    cfg: &Config,
+    fetch: &F,
+    materialiser: &M,
+    container_id: &str,
+    bundle: &Path,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    let config = read_bundle(bundle)?;
+    let annotations = config.annotations();
+    let Some(annotated) = wanted(&annotations) else {
+        return Ok(Decision::PassThrough);
+    };
+    rewrite_bundle(
+        cfg,
+        fetch,
+        materialiser,
+        container_id,
+        &config,
+        annotated,
+        bundle,
+        owner,
+    )
+    .await
+}
+
+fn read_bundle(bundle: &Path) -> Result<BundleConfig, RuntimeError> {
+    BundleConfig::read(bundle).map_err(|source| RuntimeError::Bundle {
+        reference: None,
+        source,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rewrite_bundle<F: Fetch, M: Materialise>(
+    cfg: &Config,
+    fetch: &F,
+    materialiser: &M,
+    container_id: &str,
+    config: &BundleConfig,
+    annotated: &str,
+    bundle: &Path,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    let bundle_err = |source| RuntimeError::Bundle {
+        reference: Some(annotated.to_owned()),
+        source,
+    };
+    let mut spec = config.spec().map_err(bundle_err)?;
+    let mut owner = owner.clone();
+    if owner.bundle.is_none() {
+        owner.bundle = Some(std::path::absolute(bundle).unwrap_or_else(|_| bundle.to_owned()));
+    }
+    let ready = make_ready(cfg, fetch, materialiser, container_id, annotated, &owner).await?;
+    ready.rewrite(cfg, &mut spec);
+    // On failure `ready` is dropped, which removes the pin.
+    config.write_rewritten(&spec).map_err(bundle_err)?;
+    Ok(Decision::Rewritten(ready.keep()))
+}
+
+fn production_fetcher(cfg: &Config, annotated: &str) -> Result<HttpFetcher, RuntimeError> {
+    HttpFetcher::new(cfg).map_err(|source| RuntimeError::Netrc {
+        reference: annotated.to_owned(),
+        source,
+    })
+}
+
+/// Decides, resolves, materialises, pins `container_id` and rewrites `spec` in place.
+/// The pin's owner is unknown; see [`prepare_spec_as`].
+pub async fn prepare_spec(
+    cfg: &Config,
+    container_id: &str,
+    spec: &mut Spec,
+) -> Result<Decision, RuntimeError> {
+    prepare_spec_as(cfg, container_id, spec, &Owner::default()).await
+}
+
+/// [`prepare_spec`], recording `owner` (runtime kind, runc root, bundle) in the pin.
+pub async fn prepare_spec_as(
+    cfg: &Config,
+    container_id: &str,
+    spec: &mut Spec,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let Some(annotated) = wanted(&annotations) else {
+        return Ok(Decision::PassThrough);
+    };
+    let fetch = production_fetcher(cfg, annotated)?;
+    prepare_spec_with(
+        cfg,
+        &fetch,
+        &Substituters::new(cfg),
+        container_id,
+        spec,
+        owner,
+    )
+    .await
 }
 
 /// [`prepare_spec`] on `<bundle>/config.json`, rewritten atomically; untouched (byte for byte)
 /// on [`Decision::PassThrough`].
 pub async fn prepare_bundle(
-    _cfg: &Config,
-    _container_id: &str,
-    _bundle: &Path,
+    cfg: &Config,
+    container_id: &str,
+    bundle: &Path,
 ) -> Result<Decision, RuntimeError> {
-    Ok(Decision::PassThrough)
+    prepare_bundle_as(cfg, container_id, bundle, &Owner::default()).await
+}
+
+/// [`prepare_bundle`], recording `owner` in the pin (its `bundle` defaults to `bundle`).
+pub async fn prepare_bundle_as(
+    cfg: &Config,
+    container_id: &str,
+    bundle: &Path,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    let config = read_bundle(bundle)?;
+    let annotations = config.annotations();
+    let Some(annotated) = wanted(&annotations) else {
+        return Ok(Decision::PassThrough);
+    };
+    let fetch = production_fetcher(cfg, annotated)?;
+    let materialiser = Substituters::new(cfg);
+    rewrite_bundle(
+        cfg,
+        &fetch,
+        &materialiser,
+        container_id,
+        &config,
+        annotated,
+        bundle,
+        owner,
+    )
+    .await
 }
 
 /// Drops the pin of `container_id` (idempotent).
-pub fn release(_cfg: &Config, _container_id: &str) -> Result<(), RuntimeError> {
-    Ok(())
+pub fn release(cfg: &Config, container_id: &str) -> Result<(), RuntimeError> {
+    pin::unpin(&cfg.state_dir, container_id)
+        .map(|_| ())
+        .map_err(|source| RuntimeError::Pin {
+            reference: container_id.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use url::Url;
+
+    use super::*;
+    use crate::environment::catalog::tests::{lock_bytes, Answer, FakeFetch, A, B, BASE};
+
+    /// Installs fake paths (A with `bin/`, B without) into the store; fails when told to.
+    struct FakeStore {
+        store_dir: std::path::PathBuf,
+        fail: AtomicBool,
+        hang: AtomicBool,
+    }
+
+    impl Materialise for FakeStore {
+        async fn materialise(&self, roots: &[StorePath]) -> Result<Closure, SubstituteError> {
+            if self.hang.load(Ordering::SeqCst) {
+                futures::future::pending::<()>().await;
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(SubstituteError::NotFound {
+                    path: roots[0].clone(),
+                    caches: vec![Url::parse("http://127.0.0.1:9/cache").unwrap()],
+                });
+            }
+            let mut refs = BTreeMap::new();
+            for r in roots {
+                let dir = self.store_dir.join(r.base_name());
+                std::fs::create_dir_all(&dir).unwrap();
+                if r.name().starts_with("echoserver") {
+                    std::fs::create_dir_all(dir.join("bin")).unwrap();
+                }
+                refs.insert(r.clone(), vec![]);
+            }
+            Ok(Closure::from_references(refs))
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        cfg: Config,
+        fetch: FakeFetch,
+        store: FakeStore,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            catalog: Some(Url::parse(BASE).unwrap()),
+            state_dir: dir.path().to_owned(),
+            system: "x86_64-linux".into(),
+            download_attempts: 1,
+            ..Config::default()
+        };
+        let fetch = FakeFetch::default();
+        fetch.set(
+            &format!("{BASE}/acme/app/current.json"),
+            Answer::Ok(lock_bytes("acme/app", 3)),
+        );
+        let store = FakeStore {
+            store_dir: cfg.store_dir(),
+            fail: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
+        };
+        Fixture {
+            _dir: dir,
+            cfg,
+            fetch,
+            store,
+        }
+    }
+
+    fn spec_with(annotations: &[(&str, &str)]) -> Spec {
+        let mut s = Spec::default();
+        s.set_annotations(Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        s
+    }
+
+    async fn prepare(f: &Fixture, id: &str, spec: &mut Spec) -> Result<Decision, RuntimeError> {
+        prepare_spec_with(&f.cfg, &f.fetch, &f.store, id, spec, &Owner::default()).await
+    }
+
+    #[test]
+    fn decides_what_passes_through() {
+        let m = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let env = (ENVIRONMENT_ANNOTATION, "acme/app");
+        assert_eq!(wanted(&m(&[])), None);
+        assert_eq!(wanted(&m(&[env])), Some("acme/app"));
+        assert_eq!(wanted(&m(&[env, (CRI_CONTAINER_TYPE, "sandbox")])), None);
+        assert_eq!(wanted(&m(&[env, (CRIO_CONTAINER_TYPE, "sandbox")])), None);
+        assert_eq!(
+            wanted(&m(&[env, (CRI_CONTAINER_TYPE, "container")])),
+            Some("acme/app")
+        );
+        let skip = (SKIP_CONTAINERS_ANNOTATION, "istio-proxy, log-shipper");
+        assert_eq!(
+            wanted(&m(&[env, skip, (CRI_CONTAINER_NAME, "log-shipper")])),
+            None
+        );
+        assert_eq!(
+            wanted(&m(&[env, skip, (K8S_CONTAINER_NAME, "istio-proxy")])),
+            None
+        );
+        assert_eq!(
+            wanted(&m(&[env, skip, (CRI_CONTAINER_NAME, "app")])),
+            Some("acme/app")
+        );
+        assert_eq!(
+            wanted(&m(&[
+                env,
+                (SKIP_CONTAINERS_ANNOTATION, ""),
+                (CRI_CONTAINER_NAME, "")
+            ])),
+            Some("acme/app")
+        );
+    }
+
+    #[tokio::test]
+    async fn pass_through_leaves_the_spec_and_makes_no_request() {
+        let f = fixture();
+        for ann in [
+            vec![],
+            vec![
+                (ENVIRONMENT_ANNOTATION, "acme/app"),
+                (CRI_CONTAINER_TYPE, "sandbox"),
+            ],
+        ] {
+            let mut s = spec_with(&ann);
+            let before = s.clone();
+            assert_eq!(
+                prepare(&f, "c1", &mut s).await.unwrap(),
+                Decision::PassThrough
+            );
+            assert_eq!(s, before);
+        }
+        assert_eq!(f.fetch.total(), 0);
+        assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rewrites_pins_and_releases() {
+        let f = fixture();
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let d = prepare(&f, "c1", &mut s).await.unwrap();
+        assert_eq!(
+            d,
+            Decision::Rewritten(Prepared {
+                reference: "acme/app".into(),
+                generation: Some(3),
+                closure: vec![B.to_string(), A.to_string()],
+            })
+        );
+        let env = s.process().as_ref().unwrap().env().clone().unwrap();
+        assert!(
+            env.contains(&format!(
+                "PATH={A}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            )),
+            "{env:?}"
+        );
+        assert!(env.contains(&"G=3".to_string()));
+        assert!(env.contains(&"NIXENV_ENVIRONMENT=acme/app".to_string()));
+        assert!(env.contains(&"NIXENV_GENERATION=3".to_string()));
+        let mounts = s.mounts().clone().unwrap();
+        let src = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new(A))
+            .and_then(|m| m.source().clone())
+            .unwrap();
+        assert_eq!(src, f.cfg.store_dir().join(&A["/nix/store/".len()..]));
+
+        let pins = pin::list(&f.cfg.state_dir).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].container_id, "c1");
+        assert_eq!(pins[0].generation, Some(3));
+        assert_eq!(pins[0].closure.len(), 2);
+
+        release(&f.cfg, "c1").unwrap();
+        release(&f.cfg, "c1").unwrap();
+        assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_reference_and_leave_no_pin() {
+        let f = fixture();
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app@9")]);
+        let e = prepare(&f, "c1", &mut s).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("acme/app@9: generation 9 of acme/app not found in catalog {BASE}")
+        );
+
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "Acme/App")]);
+        let e = prepare(&f, "c1", &mut s).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid environment reference \"Acme/App\": "),
+            "{e}"
+        );
+
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let e = prepare(&f, "../x", &mut s).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("acme/app: invalid container id \"../x\""),
+            "{e}"
+        );
+
+        f.store.fail.store(true, Ordering::SeqCst);
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let before = s.clone();
+        let e = prepare(&f, "c1", &mut s).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("acme/app: {A}: not found in any substituter (http://127.0.0.1:9/cache)")
+        );
+        assert_eq!(s, before);
+        assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_prepare_leaves_no_pin() {
+        let f = fixture();
+        f.store.hang.store(true, Ordering::SeqCst);
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let pins = pin::pins_dir(&f.cfg.state_dir).join("c9.json");
+        {
+            let fut = prepare(&f, "c9", &mut s);
+            tokio::pin!(fut);
+            // Runs until the materialiser blocks, with the roots pinned meanwhile.
+            assert!(futures::poll!(fut.as_mut()).is_pending());
+            assert!(pins.exists());
+        }
+        assert!(!pins.exists());
+    }
+
+    #[tokio::test]
+    async fn bundle_pass_through_is_byte_identical_and_rewrite_is_written() {
+        let f = fixture();
+        let b = tempfile::tempdir().unwrap();
+        let cfg_path = b.path().join("config.json");
+        let plain =
+            b"{ \"ociVersion\": \"1.0.2\",\n  \"annotations\": {\"x\": \"y\"}, \"weird\": 1.50 }\n";
+        std::fs::write(&cfg_path, plain).unwrap();
+        let d = prepare_bundle_with(
+            &f.cfg,
+            &f.fetch,
+            &f.store,
+            "c2",
+            b.path(),
+            &Owner::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(d, Decision::PassThrough);
+        assert_eq!(std::fs::read(&cfg_path).unwrap(), plain);
+
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        std::fs::write(&cfg_path, serde_json::to_vec(&s).unwrap()).unwrap();
+        let owner = Owner {
+            kind: OwnerKind::RuncWrapper,
+            runtime_root: Some("/run/runc".into()),
+            ..Owner::default()
+        };
+        let d = prepare_bundle_with(&f.cfg, &f.fetch, &f.store, "c2", b.path(), &owner)
+            .await
+            .unwrap();
+        assert!(matches!(d, Decision::Rewritten(_)));
+        prepare(&f, "c3", &mut s).await.unwrap();
+        let written: Spec = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+        assert_eq!(written, s);
+        let p = pin::read(&f.cfg.state_dir, "c2").unwrap().unwrap();
+        assert_eq!(p.owner.kind, OwnerKind::RuncWrapper);
+        assert_eq!(p.owner.bundle.as_deref(), Some(b.path()));
+
+        // A failure leaves config.json as it was, and no pin.
+        std::fs::write(
+            &cfg_path,
+            serde_json::to_vec(&spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app@9")])).unwrap(),
+        )
+        .unwrap();
+        let before = std::fs::read(&cfg_path).unwrap();
+        let e = prepare_bundle_with(&f.cfg, &f.fetch, &f.store, "c4", b.path(), &owner)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("acme/app@9: generation 9"), "{e}");
+        assert_eq!(std::fs::read(&cfg_path).unwrap(), before);
+        assert!(pin::read(&f.cfg.state_dir, "c4").unwrap().is_none());
+    }
 }

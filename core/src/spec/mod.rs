@@ -1,1 +1,8 @@
-//! TODO
+//! The OCI runtime spec: the pure rewrite from an environment to mounts, PATH and env, and
+//! reading/writing a bundle's config.json.
+
+pub mod bundle;
+pub mod rewrite;
+
+pub use bundle::{BundleConfig, BundleError};
+pub use rewrite::{rewrite, Environment};

@@ -1,0 +1,346 @@
+//! From a resolved, materialised environment to an OCI runtime spec: pure, no I/O.
+//!
+//! - A read-only tmpfs on `/nix/store` (`nosuid,nodev,mode=755,ro`), so the container sees
+//!   nothing else there and cannot create files under it, whatever its image holds; runc
+//!   creates the bind mountpoints in it before remounting it read-only (checked on runc 1.1).
+//! - One bind mount per closure path: `/nix/store/<base>` from `{store}/<base>`,
+//!   `rbind,ro,nosuid,nodev`. Mounts the spec already had at or below `/nix/store` are dropped.
+//! - `PATH` = `<p>/bin` for each lock path that has a `bin/`, in lock order, then the
+//!   container's PATH (or [`DEFAULT_PATH`]).
+//! - Each lock env entry is added unless the container sets that variable (the pod wins).
+//! - `NIXENV_ENVIRONMENT` = the reference as annotated; `NIXENV_GENERATION` = the generation
+//!   number, and absent for store-path references.
+//! - `process.args` are untouched.
+//!
+//! Applying the rewrite twice gives the same spec as applying it once.
+
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{Mount, Spec};
+
+use crate::environment::EnvVars;
+use crate::nix::{StorePath, STORE_DIR};
+
+/// The PATH used when the container has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Names the environment the container runs (the annotation's value).
+pub const ENV_ENVIRONMENT: &str = "NIXENV_ENVIRONMENT";
+/// The generation the container runs; absent for store-path references.
+pub const ENV_GENERATION: &str = "NIXENV_GENERATION";
+/// Options of each closure bind mount.
+pub const BIND_OPTIONS: [&str; 4] = ["rbind", "ro", "nosuid", "nodev"];
+/// Options of the tmpfs under the closure.
+pub const STORE_TMPFS_OPTIONS: [&str; 4] = ["nosuid", "nodev", "mode=755", "ro"];
+
+/// A resolved and materialised environment, as the rewrite needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Environment<'a> {
+    /// The reference as annotated (`acme/echoserver`, `acme/echoserver@2`, `/nix/store/…`).
+    pub reference: &'a str,
+    /// The generation, for catalog references.
+    pub generation: Option<u64>,
+    /// The lock's top-level paths, in lock order (PATH order).
+    pub paths: &'a [StorePath],
+    /// The lock's env, in lock order.
+    pub env: &'a EnvVars,
+    /// Every path of the closure (each gets a bind mount).
+    pub closure: &'a [StorePath],
+}
+
+/// Whether `path` is `/nix/store` or below it (component-wise, so `/nix/storex` is not).
+pub fn is_under_store(path: &Path) -> bool {
+    let norm: PathBuf = path
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect();
+    norm.starts_with(STORE_DIR)
+}
+
+/// The mounts the rewrite adds, in order.
+pub fn closure_mounts(closure: &[StorePath], store_dir: &Path) -> Vec<Mount> {
+    let mut out = Vec::with_capacity(closure.len() + 1);
+    let mut tmpfs = Mount::default();
+    tmpfs
+        .set_destination(PathBuf::from(STORE_DIR))
+        .set_typ(Some("tmpfs".into()))
+        .set_source(Some(PathBuf::from("tmpfs")))
+        .set_options(Some(
+            STORE_TMPFS_OPTIONS.iter().map(|s| s.to_string()).collect(),
+        ));
+    out.push(tmpfs);
+    let mut sorted: Vec<&StorePath> = closure.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    for p in sorted {
+        let mut m = Mount::default();
+        m.set_destination(PathBuf::from(p.to_absolute_path()))
+            .set_typ(Some("bind".into()))
+            .set_source(Some(store_dir.join(p.base_name())))
+            .set_options(Some(BIND_OPTIONS.iter().map(|s| s.to_string()).collect()));
+        out.push(m);
+    }
+    out
+}
+
+fn env_name(entry: &str) -> &str {
+    entry.split_once('=').map_or(entry, |(k, _)| k)
+}
+
+/// The new PATH value: our bin directories, then `existing` (or [`DEFAULT_PATH`]) without them.
+pub fn compose_path(bins: &[String], existing: Option<&str>) -> String {
+    let rest: Vec<&str> = existing
+        .unwrap_or(DEFAULT_PATH)
+        .split(':')
+        .filter(|e| !bins.iter().any(|b| b == e))
+        .collect();
+    let mut parts: Vec<&str> = bins.iter().map(String::as_str).collect();
+    if !(rest.len() == 1 && rest[0].is_empty()) {
+        parts.extend(rest);
+    }
+    parts.join(":")
+}
+
+/// Rewrites `spec` to run `env` from the node store at `store_dir` (`{state-dir}/store`).
+/// `has_bin` says whether a store path has a `bin/` directory.
+pub fn rewrite(
+    spec: &mut Spec,
+    env: &Environment<'_>,
+    store_dir: &Path,
+    has_bin: impl Fn(&StorePath) -> bool,
+) {
+    let mut mounts: Vec<Mount> = spec
+        .mounts()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| !is_under_store(m.destination()))
+        .collect();
+    mounts.extend(closure_mounts(env.closure, store_dir));
+    spec.set_mounts(Some(mounts));
+
+    let Some(process) = spec.process_mut().as_mut() else {
+        // No process (nothing will run): mounts only.
+        return;
+    };
+    let mut vars: Vec<String> = process.env().clone().unwrap_or_default();
+
+    let bins: Vec<String> = env
+        .paths
+        .iter()
+        .filter(|p| has_bin(p))
+        .map(|p| format!("{}/bin", p.to_absolute_path()))
+        .collect();
+    let path_idx = vars.iter().position(|e| env_name(e) == "PATH");
+    let existing = path_idx.map(|i| vars[i].split_once('=').map_or("", |(_, v)| v).to_owned());
+    let new_path = format!("PATH={}", compose_path(&bins, existing.as_deref()));
+    match path_idx {
+        Some(i) => vars[i] = new_path,
+        None => vars.push(new_path),
+    }
+
+    for (k, v) in env.env.iter() {
+        if !vars.iter().any(|e| env_name(e) == k) {
+            vars.push(format!("{k}={v}"));
+        }
+    }
+
+    vars.retain(|e| env_name(e) != ENV_ENVIRONMENT && env_name(e) != ENV_GENERATION);
+    vars.push(format!("{ENV_ENVIRONMENT}={}", env.reference));
+    if let Some(g) = env.generation {
+        vars.push(format!("{ENV_GENERATION}={g}"));
+    }
+    process.set_env(Some(vars));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{ProcessBuilder, SpecBuilder};
+
+    const A: &str = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-echoserver-0.1.0";
+    const B: &str = "/nix/store/0c5dz6xgk7qd8s4w6djl1j46f8pbdjrs-busybox-1.35.0";
+    const C: &str = "/nix/store/1b5dz6xgk7qd8s4w6djl1j46f8pbdjrs-glibc-2.37";
+    const D: &str = "/nix/store/2b5dz6xgk7qd8s4w6djl1j46f8pbdjrs-data";
+
+    fn sp(s: &str) -> StorePath {
+        s.parse().unwrap()
+    }
+
+    fn spec(env: &[&str]) -> Spec {
+        let mut s = Spec::default();
+        let mut mounts = s.mounts().clone().unwrap();
+        let mut old = Mount::default();
+        old.set_destination("/nix/store/old".into())
+            .set_typ(Some("bind".into()))
+            .set_source(Some("/somewhere".into()));
+        mounts.push(old);
+        let mut old_root = Mount::default();
+        old_root
+            .set_destination("/nix//store/".into())
+            .set_typ(Some("bind".into()));
+        mounts.push(old_root);
+        let mut keep = Mount::default();
+        keep.set_destination("/nix/storage".into());
+        mounts.push(keep);
+        s.set_mounts(Some(mounts));
+        let p = ProcessBuilder::default()
+            .args(vec![
+                "echoserver".to_string(),
+                "--port".into(),
+                "8080".into(),
+            ])
+            .env(env.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .build()
+            .unwrap();
+        s.set_process(Some(p));
+        s
+    }
+
+    fn envvars(pairs: &[(&str, &str)]) -> EnvVars {
+        EnvVars(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn apply(s: &mut Spec, reference: &str, generation: Option<u64>, env: &EnvVars) {
+        let paths = [sp(A), sp(D), sp(B)];
+        let closure = [sp(C), sp(B), sp(A), sp(D), sp(A)];
+        let e = Environment {
+            reference,
+            generation,
+            paths: &paths,
+            env,
+            closure: &closure,
+        };
+        rewrite(s, &e, Path::new("/var/lib/nixenv/store"), |p| {
+            p.name() != "data"
+        });
+    }
+
+    fn env_of(s: &Spec) -> Vec<String> {
+        s.process().as_ref().unwrap().env().clone().unwrap()
+    }
+
+    #[test]
+    fn mounts_the_closure_read_only_over_an_empty_store() {
+        let mut s = spec(&[]);
+        let before: Vec<Mount> = Spec::default().mounts().clone().unwrap();
+        apply(&mut s, "acme/echoserver", Some(2), &EnvVars::default());
+        let mounts = s.mounts().clone().unwrap();
+        // Defaults kept in order, /nix/store mounts dropped, unrelated /nix/storage kept.
+        assert_eq!(&mounts[..before.len()], &before[..]);
+        assert_eq!(
+            mounts[before.len()].destination(),
+            Path::new("/nix/storage")
+        );
+        let ours = &mounts[before.len() + 1..];
+        let j = serde_json::to_value(ours).unwrap();
+        let base = |p: &str| p.trim_start_matches("/nix/store/").to_owned();
+        let bind = |p: &str| {
+            serde_json::json!({"destination": p, "type": "bind",
+                "source": format!("/var/lib/nixenv/store/{}", base(p)),
+                "options": ["rbind", "ro", "nosuid", "nodev"]})
+        };
+        assert_eq!(
+            j,
+            serde_json::json!([
+                {"destination": "/nix/store", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=755", "ro"]},
+                bind(B), bind(C), bind(D), bind(A),
+            ])
+        );
+        assert_eq!(
+            s.process().as_ref().unwrap().args().clone().unwrap(),
+            ["echoserver", "--port", "8080"]
+        );
+    }
+
+    #[test]
+    fn path_order_only_bins_and_existing_path_kept() {
+        let mut s = spec(&["HOME=/root", "PATH=/custom/bin:/bin"]);
+        apply(&mut s, "acme/echoserver", Some(2), &EnvVars::default());
+        let env = env_of(&s);
+        assert_eq!(env[0], "HOME=/root");
+        assert_eq!(env[1], format!("PATH={A}/bin:{B}/bin:/custom/bin:/bin"));
+
+        let mut s = spec(&["HOME=/root"]);
+        apply(&mut s, "acme/echoserver", Some(2), &EnvVars::default());
+        assert!(env_of(&s).contains(&format!("PATH={A}/bin:{B}/bin:{DEFAULT_PATH}")));
+    }
+
+    #[test]
+    fn pod_env_wins_and_lock_env_in_order() {
+        let lock_env = envvars(&[
+            ("ECHO_MESSAGE", "hello from nix"),
+            ("ZZ", "1"),
+            ("MODE", "lock"),
+        ]);
+        let mut s = spec(&["MODE=pod", "NIXENV_GENERATION=99"]);
+        apply(&mut s, "acme/echoserver@2", Some(2), &lock_env);
+        assert_eq!(
+            env_of(&s),
+            [
+                "MODE=pod".to_string(),
+                format!("PATH={A}/bin:{B}/bin:{DEFAULT_PATH}"),
+                "ECHO_MESSAGE=hello from nix".into(),
+                "ZZ=1".into(),
+                "NIXENV_ENVIRONMENT=acme/echoserver@2".into(),
+                "NIXENV_GENERATION=2".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn store_path_reference_has_no_generation() {
+        let mut s = spec(&["NIXENV_GENERATION=5"]);
+        apply(&mut s, A, None, &EnvVars::default());
+        let env = env_of(&s);
+        assert!(env.contains(&format!("NIXENV_ENVIRONMENT={A}")));
+        assert!(
+            !env.iter().any(|e| e.starts_with("NIXENV_GENERATION")),
+            "{env:?}"
+        );
+    }
+
+    #[test]
+    fn idempotent() {
+        let lock_env = envvars(&[("ECHO_MESSAGE", "hi")]);
+        let mut once = spec(&["PATH=/bin"]);
+        apply(&mut once, "acme/echoserver", Some(3), &lock_env);
+        let mut twice = once.clone();
+        apply(&mut twice, "acme/echoserver", Some(3), &lock_env);
+        assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn without_process_only_mounts() {
+        let mut s = SpecBuilder::default().build().unwrap();
+        s.set_process(None);
+        apply(&mut s, "acme/echoserver", Some(3), &EnvVars::default());
+        assert!(s.process().is_none());
+        assert!(s
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.destination() == Path::new(A)));
+    }
+
+    #[test]
+    fn compose_path_edge_cases() {
+        let bins = vec!["/nix/store/x/bin".to_string()];
+        assert_eq!(compose_path(&bins, Some("")), "/nix/store/x/bin");
+        assert_eq!(compose_path(&[], Some("/bin")), "/bin");
+        assert_eq!(
+            compose_path(&bins, Some("/nix/store/x/bin:/bin")),
+            "/nix/store/x/bin:/bin"
+        );
+        assert!(is_under_store(Path::new("/nix/store")));
+        assert!(is_under_store(Path::new("/nix/./store/a")));
+        assert!(!is_under_store(Path::new("/nix/storex")));
+        assert!(!is_under_store(Path::new("/nix")));
+    }
+}
