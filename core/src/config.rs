@@ -157,7 +157,9 @@ impl Config {
         let path = Self::default_path();
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::from_toml_str(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
             Err(source) => Err(ConfigError::Read { path, source }),
         }
     }
@@ -221,19 +223,31 @@ impl Config {
         }
         if let Some(s) = raw.system {
             if !s.contains('-') || s.chars().any(|c| c.is_whitespace()) {
-                return Err(bad("system", &s, "expected a Nix system like x86_64-linux".into()));
+                return Err(bad(
+                    "system",
+                    &s,
+                    "expected a Nix system like x86_64-linux".into(),
+                ));
             }
             cfg.system = s;
         }
         if let Some(n) = raw.http_connections {
             if !(1..=1024).contains(&n) {
-                return Err(bad("http-connections", &n.to_string(), "must be 1 to 1024".into()));
+                return Err(bad(
+                    "http-connections",
+                    &n.to_string(),
+                    "must be 1 to 1024".into(),
+                ));
             }
             cfg.http_connections = n as usize;
         }
         if let Some(n) = raw.download_attempts {
             if !(1..=100).contains(&n) {
-                return Err(bad("download-attempts", &n.to_string(), "must be 1 to 100".into()));
+                return Err(bad(
+                    "download-attempts",
+                    &n.to_string(),
+                    "must be 1 to 100".into(),
+                ));
             }
             cfg.download_attempts = n as u32;
         }
@@ -272,7 +286,9 @@ fn parse_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| e.to_string())?;
     match url.scheme() {
         "http" | "https" | "file" => Ok(url),
-        other => Err(format!("unsupported scheme {other:?} (use https://, http:// or file://)")),
+        other => Err(format!(
+            "unsupported scheme {other:?} (use https://, http:// or file://)"
+        )),
     }
 }
 
@@ -283,8 +299,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| "expected a size like 20G or 512M".to_string())?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "expected a size like 20G or 512M".to_string())?;
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1,
         "K" => 1 << 10,
         "M" => 1 << 20,
@@ -306,5 +329,80 @@ fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
             format!("line {line}: {msg}")
         }
         None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "nixenv-test-1:M/+03bQKDGjXB81brne1JroBlsoUhoaNf/BuQJLRYAs=";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/nixenv/config.toml"))
+    }
+
+    #[test]
+    fn defaults_and_full_config() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let cfg = parse(&format!(
+            r#"
+            catalog = "https://catalog.example.org/envs"
+            substituters = "http://127.0.0.1:8080 file:///srv/cache"
+            trusted-public-keys = ["{KEY}"]
+            state-dir = "/var/lib/nixenv-test"
+            netrc-file = "/etc/nixenv/netrc"
+            http-connections = 8
+            connect-timeout = "2s"
+            stall-timeout = "1m"
+            download-attempts = 2
+            gc-max-size = "20G"
+            "#
+        ))
+        .unwrap();
+        assert_eq!(cfg.substituters.len(), 2);
+        assert_eq!(cfg.substituters[1].scheme(), "file");
+        assert_eq!(cfg.store_dir(), Path::new("/var/lib/nixenv-test/store"));
+        assert_eq!(cfg.http_connections, 8);
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.stall_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.download_attempts, 2);
+        assert_eq!(cfg.gc_max_size, Some(20 << 30));
+        assert!(cfg.require_sigs);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("substituter = \"http://x\"").unwrap_err().to_string();
+        assert!(
+            e.starts_with("config /etc/nixenv/config.toml: line 1: "),
+            "{e}"
+        );
+        assert!(e.contains("substituter"), "{e}");
+        let cases = [
+            (
+                "substituters = [\"ftp://x\"]\nrequire-sigs = false",
+                "substituters",
+            ),
+            ("trusted-public-keys = [\"nokey\"]", "trusted-public-keys"),
+            ("state-dir = \"relative\"", "state-dir"),
+            ("http-connections = 0", "http-connections"),
+            ("download-attempts = 1000", "download-attempts"),
+            ("connect-timeout = \"soon\"", "connect-timeout"),
+            ("gc-max-size = \"12Q\"", "gc-max-size"),
+            ("substituters = [\"http://x\"]", "trusted-public-keys"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "config /etc/nixenv/config.toml: bad value for `{key}`"
+                )),
+                "{text}: {e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = parse("require-sigs = \"yes\"").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
     }
 }

@@ -1,1 +1,430 @@
-//! TODO(substituter helper): reqwest + file:// implementation of Fetch, netrc, retries
+//! The production [`Fetch`]: HTTP(S) with one shared `reqwest` client, and `file://` from disk.
+//!
+//! - One client per fetcher, built on first use (a warm pull builds none): connection reuse,
+//!   HTTP/2 where the server offers it through ALPN (adaptive flow-control window), a connect
+//!   timeout and a stall timeout (no bytes for `stall-timeout`) from the configuration, and
+//!   `User-Agent: nixenv/<version>`.
+//! - 404 and 410 are [`FetchError::NotFound`], other non-2xx are [`FetchError::Status`].
+//! - Basic authentication per host from `netrc-file`.
+//! - No retries here: callers wrap whole operations in [`super::retry::RetryPolicy`], so a NAR
+//!   whose stream breaks midway is restarted from its first byte.
+
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use url::Url;
+
+use super::netrc::{Netrc, NetrcError};
+use super::{Body, Fetch, FetchError};
+use crate::config::Config;
+
+/// Read buffer for `file://` bodies.
+const FILE_CHUNK: usize = 256 * 1024;
+
+/// Settings of the HTTP client.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub connect_timeout: Duration,
+    pub stall_timeout: Duration,
+    /// Idle connections kept per host.
+    pub max_idle_per_host: usize,
+}
+
+impl HttpSettings {
+    /// From `connect-timeout`, `stall-timeout` and `http-connections`.
+    pub fn from_config(cfg: &Config) -> Self {
+        HttpSettings {
+            connect_timeout: cfg.connect_timeout,
+            stall_timeout: cfg.stall_timeout,
+            max_idle_per_host: cfg.http_connections,
+        }
+    }
+}
+
+/// GET over HTTP(S) and `file://`.
+pub struct HttpFetcher {
+    settings: HttpSettings,
+    netrc: Option<Netrc>,
+    client: OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl HttpFetcher {
+    /// A fetcher for this configuration; reads `netrc-file` if set.
+    pub fn new(cfg: &Config) -> Result<Self, NetrcError> {
+        let netrc = cfg.netrc_file.as_deref().map(Netrc::load).transpose()?;
+        Ok(Self::with_settings(HttpSettings::from_config(cfg), netrc))
+    }
+
+    /// A fetcher with explicit settings and credentials.
+    pub fn with_settings(settings: HttpSettings, netrc: Option<Netrc>) -> Self {
+        HttpFetcher {
+            settings,
+            netrc,
+            client: OnceLock::new(),
+        }
+    }
+
+    fn client(&self, url: &Url) -> Result<&reqwest::Client, FetchError> {
+        self.client
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .user_agent(crate::USER_AGENT)
+                    .connect_timeout(self.settings.connect_timeout)
+                    .read_timeout(self.settings.stall_timeout)
+                    .pool_max_idle_per_host(self.settings.max_idle_per_host)
+                    .http2_adaptive_window(true)
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(|e| error_chain(&e))
+            })
+            .as_ref()
+            .map_err(|message| FetchError::Transport {
+                url: url.clone(),
+                message: format!("cannot create HTTP client: {message}"),
+                retryable: false,
+            })
+    }
+
+    async fn get_http(&self, url: &Url) -> Result<Body, FetchError> {
+        let client = self.client(url)?;
+        let mut req = client.get(url.clone());
+        if let (Some(netrc), Some(host)) = (&self.netrc, url.host_str()) {
+            if url.username().is_empty() {
+                if let Some(c) = netrc.lookup(host) {
+                    req = req.basic_auth(&c.login, Some(&c.password));
+                }
+            }
+        }
+        let resp = req.send().await.map_err(|e| transport(url, &e))?;
+        let status = resp.status().as_u16();
+        tracing::debug!(%url, status, content_length = resp.content_length(), version = ?resp.version(), "GET");
+        match status {
+            404 | 410 => return Err(FetchError::NotFound { url: url.clone() }),
+            200..=299 => {}
+            _ => {
+                return Err(FetchError::Status {
+                    url: url.clone(),
+                    status,
+                })
+            }
+        }
+        let u = url.clone();
+        let stream = resp.bytes_stream().map_err(move |e| transport(&u, &e));
+        Ok(Box::pin(Counted::new(stream, url.clone())))
+    }
+
+    async fn get_file(&self, url: &Url) -> Result<Body, FetchError> {
+        let path = url.to_file_path().map_err(|()| FetchError::Io {
+            url: url.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a local file path"),
+        })?;
+        let file = tokio::fs::File::open(&path).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                FetchError::NotFound { url: url.clone() }
+            } else {
+                FetchError::Io {
+                    url: url.clone(),
+                    source,
+                }
+            }
+        })?;
+        let u = url.clone();
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK).map_err(move |source| {
+                FetchError::Io {
+                    url: u.clone(),
+                    source,
+                }
+            });
+        tracing::debug!(%url, "open file");
+        Ok(Box::pin(Counted::new(stream, url.clone())))
+    }
+}
+
+impl Fetch for HttpFetcher {
+    async fn get(&self, url: &Url) -> Result<Body, FetchError> {
+        match url.scheme() {
+            "http" | "https" => self.get_http(url).await,
+            "file" => self.get_file(url).await,
+            other => Err(FetchError::Transport {
+                url: url.clone(),
+                message: format!("unsupported URL scheme {other:?}"),
+                retryable: false,
+            }),
+        }
+    }
+}
+
+/// The error and its causes, `: `-separated, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+fn transport(url: &Url, e: &reqwest::Error) -> FetchError {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    let (message, retryable) = if e.is_timeout() {
+        ("timed out".to_owned(), true)
+    } else if e.is_connect() {
+        (format!("cannot connect: {chain}"), true)
+    } else if e.is_body() || e.is_decode() {
+        let closed = [
+            "incomplete",
+            "end of file",
+            "eof",
+            "reset",
+            "closed",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|w| lower.contains(w));
+        if closed {
+            ("connection closed".to_owned(), true)
+        } else {
+            (format!("transfer failed: {chain}"), true)
+        }
+    } else if e.is_request() {
+        let closed = ["reset", "closed", "broken pipe", "incomplete"]
+            .iter()
+            .any(|w| lower.contains(w));
+        if closed {
+            ("connection closed".to_owned(), true)
+        } else {
+            (chain, true)
+        }
+    } else {
+        (chain, false)
+    };
+    FetchError::Transport {
+        url: url.clone(),
+        message,
+        retryable,
+    }
+}
+
+/// Logs the number of body bytes when the stream ends.
+struct Counted<S> {
+    inner: S,
+    url: Url,
+    bytes: u64,
+    done: bool,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, url: Url) -> Self {
+        Counted {
+            inner,
+            url,
+            bytes: 0,
+            done: false,
+        }
+    }
+}
+
+impl<S: Stream<Item = Result<Bytes, FetchError>> + Unpin> Stream for Counted<S> {
+    type Item = Result<Bytes, FetchError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let r = self.inner.poll_next_unpin(cx);
+        match &r {
+            Poll::Ready(Some(Ok(b))) => self.bytes += b.len() as u64,
+            Poll::Ready(Some(Err(e))) if !self.done => {
+                self.done = true;
+                tracing::debug!(url = %self.url, bytes = self.bytes, error = %e, "body failed");
+            }
+            Poll::Ready(None) if !self.done => {
+                self.done = true;
+                tracing::debug!(url = %self.url, bytes = self.bytes, "body complete");
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetcher() -> HttpFetcher {
+        HttpFetcher::with_settings(HttpSettings::from_config(&Config::default()), None)
+    }
+
+    #[tokio::test]
+    async fn file_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("x.nar"), &data).unwrap();
+        let f = fetcher();
+        let url = Url::from_file_path(dir.path().join("x.nar")).unwrap();
+        assert_eq!(f.get_bytes(&url, 1 << 30).await.unwrap(), data);
+        assert!(matches!(
+            f.get_bytes(&url, 1000).await,
+            Err(FetchError::TooLarge { limit: 1000, .. })
+        ));
+        let missing = Url::from_file_path(dir.path().join("nope.narinfo")).unwrap();
+        assert!(matches!(
+            f.get(&missing).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        // No client is built for file:// URLs.
+        assert!(f.client.get().is_none());
+    }
+
+    /// A one-connection-per-response HTTP server on 127.0.0.1: answers the i-th connection
+    /// with `responses[i]` (raw bytes), keeps it open for the given time, then closes it.
+    /// Returns the port and a handle yielding the request heads.
+    fn serve(responses: Vec<(Vec<u8>, Duration)>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for (resp, hold) in responses {
+                let (mut c, _) = l.accept().unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap() == 1 {
+                    head.push(b[0]);
+                }
+                heads.push(String::from_utf8_lossy(&head).into_owned());
+                let _ = c.write_all(&resp);
+                std::thread::sleep(hold);
+            }
+            heads
+        });
+        (port, h)
+    }
+
+    fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\n{headers}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[tokio::test]
+    async fn http_statuses_auth_and_broken_bodies() {
+        let body = vec![b'x'; 100_000];
+        let ok = response(
+            "200 OK",
+            &format!("Content-Length: {}\r\n", body.len()),
+            &body,
+        );
+        let short = response("200 OK", "Content-Length: 5000\r\n", &[b'y'; 100]);
+        let stall = response("200 OK", "Content-Length: 5000\r\n", &[b'z'; 10]);
+        let z = Duration::ZERO;
+        let (port, server) = serve(vec![
+            (ok, z),
+            (response("404 Not Found", "Content-Length: 0\r\n", b""), z),
+            (response("410 Gone", "Content-Length: 0\r\n", b""), z),
+            (
+                response("500 Internal Server Error", "Content-Length: 0\r\n", b""),
+                z,
+            ),
+            (response("403 Forbidden", "Content-Length: 0\r\n", b""), z),
+            (short, z),
+            (stall, Duration::from_millis(1500)),
+        ]);
+        let netrc = Netrc::parse(
+            "machine 127.0.0.1 login alice password s3cret\n",
+            std::path::Path::new("netrc"),
+        )
+        .unwrap();
+        let f = HttpFetcher::with_settings(
+            HttpSettings {
+                connect_timeout: Duration::from_secs(5),
+                stall_timeout: Duration::from_millis(300),
+                max_idle_per_host: 4,
+            },
+            Some(netrc),
+        );
+        let url = |p: &str| Url::parse(&format!("http://127.0.0.1:{port}/{p}")).unwrap();
+
+        assert_eq!(f.get_bytes(&url("a.narinfo"), 1 << 20).await.unwrap(), body);
+        assert!(matches!(
+            f.get(&url("b.narinfo")).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        assert!(matches!(
+            f.get(&url("c.narinfo")).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        let e = f.get(&url("d.narinfo")).await.err().unwrap();
+        assert!(matches!(e, FetchError::Status { status: 500, .. }) && e.is_retryable());
+        let e = f.get(&url("e.narinfo")).await.err().unwrap();
+        assert!(matches!(e, FetchError::Status { status: 403, .. }) && !e.is_retryable());
+
+        let e = f
+            .get_bytes(&url("nar/short.nar"), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("{}: connection closed", url("nar/short.nar"))
+        );
+
+        let t = std::time::Instant::now();
+        let e = f
+            .get_bytes(&url("nar/stall.nar"), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("{}: timed out", url("nar/stall.nar"))
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(1400),
+            "{:?}",
+            t.elapsed()
+        );
+
+        let heads = server.join().unwrap();
+        assert!(
+            heads[0].starts_with("GET /a.narinfo HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        let lower = heads[0].to_ascii_lowercase();
+        assert!(
+            lower.contains(&format!("user-agent: {}\r\n", crate::USER_AGENT)),
+            "{}",
+            heads[0]
+        );
+        // base64("alice:s3cret")
+        assert!(
+            lower.contains("authorization: basic ywxpy2u6cznjcmv0\r\n"),
+            "{}",
+            heads[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_retryable() {
+        // Bind then drop a listener: the port is (very likely) closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/nix-cache-info")).unwrap();
+        let e = fetcher().get(&url).await.err().unwrap();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("cannot connect"), "{e}");
+    }
+}

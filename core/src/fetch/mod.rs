@@ -4,6 +4,8 @@
 //! inject failures without a server; production uses [`http::HttpFetcher`].
 
 pub mod http;
+pub mod netrc;
+pub mod retry;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,150 @@
+//! Why a path could not be substituted. Each message is one line starting with the store path.
+
+use url::Url;
+
+use crate::fetch::netrc::NetrcError;
+use crate::fetch::FetchError;
+use crate::nix::narinfo::NarInfoError;
+use crate::nix::signature::SignatureError;
+use crate::nix::{NarHash, StorePath};
+use crate::store::unpack::UnpackError;
+use crate::store::StoreError;
+
+fn list(urls: &[Url]) -> String {
+    urls.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// A failure of the substituter.
+#[derive(Debug, thiserror::Error)]
+pub enum SubstituteError {
+    #[error("{path}: not found in any substituter ({})", list(.caches))]
+    NotFound { path: StorePath, caches: Vec<Url> },
+    #[error("{path}: no substituters configured")]
+    NoSubstituters { path: StorePath },
+    #[error("{path}: substituter {cache}: {message}")]
+    BadCache {
+        path: StorePath,
+        cache: Box<Url>,
+        message: String,
+    },
+    #[error("{path}: bad narinfo {url}: {source}")]
+    BadNarInfo {
+        path: StorePath,
+        url: Box<Url>,
+        #[source]
+        source: Box<NarInfoError>,
+    },
+    #[error("{path}: narinfo {url} describes {found}")]
+    WrongNarInfo {
+        path: StorePath,
+        url: Box<Url>,
+        found: Box<StorePath>,
+    },
+    #[error("{path}: {source}")]
+    Signature {
+        path: StorePath,
+        #[source]
+        source: Box<SignatureError>,
+    },
+    #[error("{path}: {source}")]
+    Fetch {
+        path: StorePath,
+        #[source]
+        source: Box<FetchError>,
+    },
+    #[error("{path}: {cause} while downloading {url}")]
+    Interrupted {
+        path: StorePath,
+        url: Box<Url>,
+        cause: String,
+    },
+    #[error("{path}: NAR hash mismatch (expected {expected}, got {got})")]
+    HashMismatch {
+        path: StorePath,
+        expected: Box<NarHash>,
+        got: Box<NarHash>,
+    },
+    #[error("{path}: NAR size mismatch (expected {expected} bytes, got {got})")]
+    SizeMismatch {
+        path: StorePath,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{path}: NAR truncated")]
+    Truncated { path: StorePath },
+    #[error("{path}: cannot decompress {compression} NAR {url}: {source}")]
+    Decompress {
+        path: StorePath,
+        url: Box<Url>,
+        compression: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Unpack {
+        path: StorePath,
+        #[source]
+        source: Box<UnpackError>,
+    },
+    #[error("{path}: {source}")]
+    Store {
+        path: StorePath,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("store {}: {source}", state_dir.display())]
+    OpenStore {
+        state_dir: std::path::PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error(transparent)]
+    Netrc(#[from] Box<NetrcError>),
+    #[error("trusted-public-keys: {0}")]
+    Keys(SignatureError),
+    #[error("{path}: installer task failed: {message}")]
+    Task { path: StorePath, message: String },
+    #[error("{path}: cancelled")]
+    Cancelled { path: StorePath },
+}
+
+impl From<NetrcError> for SubstituteError {
+    fn from(e: NetrcError) -> Self {
+        SubstituteError::Netrc(Box::new(e))
+    }
+}
+
+impl SubstituteError {
+    /// Whether another attempt (of the same request or NAR download) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SubstituteError::Fetch { source, .. } => source.is_retryable(),
+            SubstituteError::Interrupted { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The store path the error is about, if any.
+    pub fn path(&self) -> Option<&StorePath> {
+        use SubstituteError::*;
+        match self {
+            NotFound { path, .. }
+            | NoSubstituters { path }
+            | BadCache { path, .. }
+            | BadNarInfo { path, .. }
+            | WrongNarInfo { path, .. }
+            | Signature { path, .. }
+            | Fetch { path, .. }
+            | Interrupted { path, .. }
+            | HashMismatch { path, .. }
+            | SizeMismatch { path, .. }
+            | Truncated { path }
+            | Decompress { path, .. }
+            | Unpack { path, .. }
+            | Store { path, .. }
+            | Task { path, .. }
+            | Cancelled { path } => Some(path),
+            OpenStore { .. } | Netrc(_) | Keys(_) => None,
+        }
+    }
+}

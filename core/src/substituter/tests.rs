@@ -1,0 +1,791 @@
+//! The substituter against an in-memory cache behind a fake [`Fetch`].
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::fetch::Body;
+use crate::nix::hash::NarHash;
+use crate::nix::nar::NarNode;
+use crate::nix::narinfo::Compression;
+use crate::nix::signature::SecretKey;
+
+/// What the fake server does on the next request for a URL.
+#[derive(Debug, Clone)]
+enum Misbehave {
+    /// Answer with this HTTP status.
+    Status(u16),
+    /// Send this many bytes, then fail as a reset connection.
+    BreakAfter(usize),
+    /// Send this many bytes, then end the body cleanly.
+    EndAfter(usize),
+}
+
+#[derive(Default)]
+struct FakeFetch {
+    files: Mutex<HashMap<String, Vec<u8>>>,
+    misbehave: Mutex<HashMap<String, VecDeque<Misbehave>>>,
+    log: Mutex<Vec<String>>,
+}
+
+impl FakeFetch {
+    fn put(&self, url: &str, data: Vec<u8>) {
+        self.files.lock().unwrap().insert(url.to_owned(), data);
+    }
+    fn misbehave(&self, url: &str, m: Misbehave) {
+        self.misbehave
+            .lock()
+            .unwrap()
+            .entry(url.to_owned())
+            .or_default()
+            .push_back(m);
+    }
+    fn requests(&self, suffix: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|u| u.ends_with(suffix))
+            .count()
+    }
+    fn total(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+}
+
+fn chunks(data: Vec<u8>, then: Option<FetchError>) -> Body {
+    let mut items: Vec<Result<Bytes, FetchError>> = data
+        .chunks(1000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    if let Some(e) = then {
+        items.push(Err(e));
+    }
+    Box::pin(futures::stream::iter(items))
+}
+
+impl Fetch for FakeFetch {
+    async fn get(&self, url: &Url) -> Result<Body, FetchError> {
+        let key = url.as_str().to_owned();
+        self.log.lock().unwrap().push(key.clone());
+        tokio::task::yield_now().await;
+        let m = self
+            .misbehave
+            .lock()
+            .unwrap()
+            .get_mut(&key)
+            .and_then(|q| q.pop_front());
+        let data = self.files.lock().unwrap().get(&key).cloned();
+        let Some(data) = data else {
+            return Err(FetchError::NotFound { url: url.clone() });
+        };
+        match m {
+            None => Ok(chunks(data, None)),
+            Some(Misbehave::Status(status)) => Err(FetchError::Status {
+                url: url.clone(),
+                status,
+            }),
+            Some(Misbehave::BreakAfter(n)) => Ok(chunks(
+                data[..n.min(data.len())].to_vec(),
+                Some(FetchError::Transport {
+                    url: url.clone(),
+                    message: "connection closed".into(),
+                    retryable: true,
+                }),
+            )),
+            Some(Misbehave::EndAfter(n)) => Ok(chunks(data[..n.min(data.len())].to_vec(), None)),
+        }
+    }
+}
+
+const CACHE1: &str = "http://cache1.test/";
+const CACHE2: &str = "http://cache2.test/sub";
+
+fn key() -> SecretKey {
+    SecretKey::from_seed("acceptance-1", [42; 32])
+}
+
+fn sp(name: &str, n: u8) -> StorePath {
+    StorePath::new([n; 20], name).unwrap()
+}
+
+fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
+    match c {
+        Compression::None => data.to_vec(),
+        Compression::Xz => {
+            let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
+        Compression::Bzip2 => {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+    }
+}
+
+fn node(tag: &str) -> NarNode {
+    NarNode::dir([
+        (
+            "bin",
+            NarNode::dir([(
+                "prog",
+                NarNode::executable(format!("#!/bin/sh\necho {tag}\n").repeat(500).into_bytes()),
+            )]),
+        ),
+        ("lib", NarNode::symlink(b"bin".to_vec())),
+    ])
+}
+
+/// Publishes `path` in the cache at `base`, signed by `signer` (if any); returns the NAR URL.
+fn publish(
+    fake: &FakeFetch,
+    base: &str,
+    path: &StorePath,
+    refs: &[StorePath],
+    c: Compression,
+    signer: Option<&SecretKey>,
+) -> String {
+    let nar = node(path.name()).to_nar();
+    let file = compress(c, &nar);
+    let ext = match c {
+        Compression::None => "",
+        Compression::Xz => ".xz",
+        Compression::Zstd => ".zst",
+        Compression::Bzip2 => ".bz2",
+    };
+    let file_hash = NarHash::digest(&file);
+    let rel = format!(
+        "nar/{}.nar{ext}",
+        crate::nix::nixbase32::encode(file_hash.as_bytes())
+    );
+    let mut info = NarInfo {
+        store_path: path.clone(),
+        url: rel.clone(),
+        compression: c,
+        file_hash: Some(file_hash),
+        file_size: Some(file.len() as u64),
+        nar_hash: NarHash::digest(&nar),
+        nar_size: nar.len() as u64,
+        references: refs.to_vec(),
+        deriver: None,
+        system: Some("x86_64-linux".into()),
+        sigs: vec![],
+        ca: None,
+    };
+    if let Some(k) = signer {
+        k.sign_narinfo(&mut info);
+    }
+    let base = with_slash(Url::parse(base).unwrap());
+    fake.put(
+        base.join(&format!("{}.narinfo", path.hash_str()))
+            .unwrap()
+            .as_str(),
+        info.render().into_bytes(),
+    );
+    let nar_url = base.join(&rel).unwrap().to_string();
+    fake.put(&nar_url, file);
+    nar_url
+}
+
+fn config(state: &Path, caches: &[&str]) -> Config {
+    Config {
+        substituters: caches.iter().map(|c| Url::parse(c).unwrap()).collect(),
+        trusted_public_keys: vec![key().public_key().to_string()],
+        state_dir: state.to_owned(),
+        http_connections: 8,
+        download_attempts: 3,
+        ..Config::default()
+    }
+}
+
+fn substituter(cfg: &Config, fake: FakeFetch) -> Substituter<FakeFetch> {
+    let store = Arc::new(Store::open(&cfg.state_dir).unwrap());
+    Substituter::new(cfg, fake, store)
+        .unwrap()
+        .with_retry(RetryPolicy {
+            attempts: cfg.download_attempts,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        })
+}
+
+/// Names in `{state}/store` and `{state}/meta` (temporary ones included).
+fn store_entries(state: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for d in ["store", "meta"] {
+        if let Ok(rd) = std::fs::read_dir(state.join(d)) {
+            for e in rd {
+                v.push(format!("{d}/{}", e.unwrap().file_name().to_string_lossy()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+#[derive(Default)]
+struct Counting {
+    started: AtomicU64,
+    present: AtomicU64,
+    bytes: AtomicU64,
+    restarted: AtomicU64,
+}
+
+impl Progress for Counting {
+    fn present(&self, _: &StorePath) {
+        self.present.fetch_add(1, Ordering::SeqCst);
+    }
+    fn download_started(&self, _: &StorePath, _: &Url, _: Option<u64>, _: u64) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+    }
+    fn download_bytes(&self, _: &StorePath, n: u64) {
+        self.bytes.fetch_add(n, Ordering::SeqCst);
+    }
+    fn download_restarted(&self, _: &StorePath, _: u64, _: &str) {
+        self.restarted.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// root → {left, right} → base (a diamond), and base → glibc.
+fn diamond(fake: &FakeFetch, base_url: &str, c: Compression) -> Vec<StorePath> {
+    let (root, left, right, base, glibc) = (
+        sp("root", 1),
+        sp("left", 2),
+        sp("right", 3),
+        sp("base", 4),
+        sp("glibc-2.37", 5),
+    );
+    let k = key();
+    publish(
+        fake,
+        base_url,
+        &glibc,
+        std::slice::from_ref(&glibc),
+        c,
+        Some(&k),
+    );
+    publish(
+        fake,
+        base_url,
+        &base,
+        std::slice::from_ref(&glibc),
+        c,
+        Some(&k),
+    );
+    publish(
+        fake,
+        base_url,
+        &left,
+        std::slice::from_ref(&base),
+        c,
+        Some(&k),
+    );
+    publish(
+        fake,
+        base_url,
+        &right,
+        &[base.clone(), right.clone()],
+        c,
+        Some(&k),
+    );
+    publish(
+        fake,
+        base_url,
+        &root,
+        &[left.clone(), right.clone()],
+        c,
+        Some(&k),
+    );
+    vec![root, left, right, base, glibc]
+}
+
+#[tokio::test]
+async fn diamond_closure_every_compression_then_warm_without_requests() {
+    for c in [
+        Compression::None,
+        Compression::Xz,
+        Compression::Zstd,
+        Compression::Bzip2,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let paths = diamond(&fake, CACHE1, c);
+        let cfg = config(dir.path(), &[CACHE1]);
+        let sub = substituter(&cfg, fake);
+        let progress = Counting::default();
+        let closure = sub.materialise(&paths[..1], &progress).await.unwrap();
+        let mut want = paths.clone();
+        want.sort();
+        assert_eq!(closure.paths, want, "{c}");
+        assert_eq!(closure.references[&paths[0]], {
+            let mut r = vec![paths[1].clone(), paths[2].clone()];
+            r.sort();
+            r
+        });
+        // Each narinfo and each NAR once, plus nix-cache-info once.
+        assert_eq!(sub.fetch.requests(".narinfo"), 5, "{c}");
+        assert_eq!(sub.fetch.requests("nix-cache-info"), 1);
+        assert_eq!(sub.fetch.total(), 11);
+        assert_eq!(progress.started.load(Ordering::SeqCst), 5);
+        for p in &paths {
+            let prog = sub.store().real_path(p).join("bin/prog");
+            let text = std::fs::read_to_string(&prog).unwrap();
+            assert!(text.starts_with(&format!("#!/bin/sh\necho {}\n", p.name())));
+            assert_eq!(
+                std::fs::read_link(sub.store().real_path(p).join("lib")).unwrap(),
+                Path::new("bin")
+            );
+        }
+
+        // Warm: the same closure without a single request.
+        let before = sub.fetch.total();
+        let again = sub.materialise(&paths[..1], &NoProgress).await.unwrap();
+        assert_eq!(again, closure);
+        assert_eq!(sub.fetch.total(), before);
+        assert_eq!(
+            local_closure(sub.store(), &paths[..1]).unwrap(),
+            Some(closure)
+        );
+    }
+}
+
+#[tokio::test]
+async fn partly_warm_store_fetches_only_missing_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let paths = diamond(&fake, CACHE1, Compression::Zstd);
+    let cfg = config(dir.path(), &[CACHE1]);
+    let sub = substituter(&cfg, fake);
+    sub.materialise(&paths[3..4], &NoProgress).await.unwrap(); // base and glibc
+    let narinfos = sub.fetch.requests(".narinfo");
+    assert_eq!(narinfos, 2);
+    sub.materialise(&paths[..1], &NoProgress).await.unwrap();
+    // root, left, right only.
+    assert_eq!(sub.fetch.requests(".narinfo"), 5);
+    assert_eq!(sub.fetch.requests(".nar.zst"), 5);
+}
+
+#[tokio::test]
+async fn not_found_in_first_cache_uses_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let (a, b) = (sp("a", 1), sp("b", 2));
+    publish(&fake, CACHE1, &b, &[], Compression::Xz, Some(&key()));
+    publish(
+        &fake,
+        CACHE2,
+        &a,
+        std::slice::from_ref(&b),
+        Compression::Xz,
+        Some(&key()),
+    );
+    fake.put(
+        "http://cache2.test/sub/nix-cache-info",
+        b"StoreDir: /nix/store\nWantMassQuery: 1\n".to_vec(),
+    );
+    let cfg = config(dir.path(), &[CACHE1, CACHE2]);
+    let sub = substituter(&cfg, fake);
+    let cl = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(cl.paths.len(), 2);
+    assert_eq!(sub.fetch.requests("cache2.test/sub/nix-cache-info"), 1);
+    assert_eq!(
+        sub.fetch
+            .requests(&format!("cache1.test/{}.narinfo", a.hash_str())),
+        1
+    );
+    assert_eq!(
+        sub.fetch
+            .requests(&format!("cache2.test/sub/{}.narinfo", a.hash_str())),
+        1
+    );
+}
+
+#[tokio::test]
+async fn not_found_anywhere_names_path_and_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let (a, missing) = (sp("a", 1), sp("busybox-1.35.0", 9));
+    publish(
+        &fake,
+        CACHE1,
+        &a,
+        std::slice::from_ref(&missing),
+        Compression::Xz,
+        Some(&key()),
+    );
+    let cfg = config(dir.path(), &[CACHE1, "file:///srv/cache"]);
+    let sub = substituter(&cfg, fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{missing}: not found in any substituter (http://cache1.test/, file:///srv/cache/)"
+        )
+    );
+    assert_eq!(e.path(), Some(&missing));
+    // `a` was fine, but is not installed without its reference.
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn server_errors_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("a", 1);
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::Xz, Some(&key()));
+    let narinfo = format!("{CACHE1}{}.narinfo", a.hash_str());
+    fake.misbehave(&narinfo, Misbehave::Status(500));
+    fake.misbehave(&nar_url, Misbehave::Status(503));
+    fake.misbehave(&nar_url, Misbehave::BreakAfter(100));
+    let cfg = config(dir.path(), &[CACHE1]);
+    let sub = substituter(&cfg, fake);
+    let progress = Counting::default();
+    sub.materialise(std::slice::from_ref(&a), &progress)
+        .await
+        .unwrap();
+    assert_eq!(sub.fetch.requests(".narinfo"), 2);
+    assert_eq!(sub.fetch.requests(".nar.xz"), 3);
+    assert_eq!(progress.restarted.load(Ordering::SeqCst), 2);
+    assert!(sub.store().is_valid(&a).unwrap());
+    assert!(store_entries(dir.path())
+        .iter()
+        .all(|e| !e.contains(".tmp")));
+}
+
+#[tokio::test]
+async fn persistent_failures_give_up_after_the_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("busybox", 1);
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::Xz, Some(&key()));
+    for _ in 0..3 {
+        fake.misbehave(&nar_url, Misbehave::BreakAfter(500));
+    }
+    let cfg = config(dir.path(), &[CACHE1]);
+    let sub = substituter(&cfg, fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{a}: connection closed while downloading {nar_url}")
+    );
+    assert_eq!(sub.fetch.requests(".nar.xz"), 3);
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+
+    // A 404 on the NAR is not retried.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::Xz, Some(&key()));
+    fake.files.lock().unwrap().remove(&nar_url);
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), format!("{a}: {nar_url}: not found"));
+    assert_eq!(sub.fetch.requests(".nar.xz"), 1);
+}
+
+#[tokio::test]
+async fn untrusted_key_and_bad_signature_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let (a, b) = (sp("busybox-1.35.0", 1), sp("forged", 2));
+    let other = SecretKey::from_seed("intruder-1", [7; 32]);
+    publish(&fake, CACHE1, &a, &[], Compression::Xz, Some(&other));
+    let cfg = config(dir.path(), &[CACHE1]);
+    let sub = substituter(&cfg, fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{a}: signature not trusted (keys: intruder-1)")
+    );
+    assert_eq!(sub.fetch.requests(".nar.xz"), 0);
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+
+    // Unsigned.
+    let fake = FakeFetch::default();
+    publish(&fake, CACHE1, &a, &[], Compression::Xz, None);
+    let sub = substituter(&cfg, fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{a}: signature not trusted")),
+        "{e}"
+    );
+
+    // Signed by the trusted key's name but over other contents.
+    let fake = FakeFetch::default();
+    publish(&fake, CACHE1, &b, &[], Compression::Xz, Some(&key()));
+    let narinfo_url = format!("{CACHE1}{}.narinfo", b.hash_str());
+    let text = String::from_utf8(fake.files.lock().unwrap()[&narinfo_url].clone()).unwrap();
+    let mut info = NarInfo::parse(&text).unwrap();
+    info.nar_size += 1;
+    fake.put(&narinfo_url, info.render().into_bytes());
+    let sub = substituter(&cfg, fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&b), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{b}: bad signature by key acceptance-1")
+    );
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+
+    // require-sigs = false accepts the unsigned one.
+    let fake = FakeFetch::default();
+    publish(&fake, CACHE1, &a, &[], Compression::Xz, None);
+    let mut cfg2 = cfg.clone();
+    cfg2.require_sigs = false;
+    let sub = substituter(&cfg2, fake);
+    sub.materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap();
+    assert!(sub.store().is_valid(&a).unwrap());
+}
+
+#[tokio::test]
+async fn narinfo_for_another_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let (a, evil) = (sp("a", 1), sp("evil", 2));
+    publish(&fake, CACHE1, &evil, &[], Compression::Xz, Some(&key()));
+    let evil_url = format!("{CACHE1}{}.narinfo", evil.hash_str());
+    let data = fake.files.lock().unwrap()[&evil_url].clone();
+    fake.put(&format!("{CACHE1}{}.narinfo", a.hash_str()), data);
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with(&format!("{a}: narinfo ")), "{e}");
+    assert!(e.to_string().ends_with(&format!("describes {evil}")), "{e}");
+}
+
+#[tokio::test]
+async fn tampered_and_truncated_nars_leave_nothing() {
+    for c in [Compression::None, Compression::Zstd, Compression::Xz] {
+        // Tampered: same structure, one byte of file contents changed.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let a = sp("busybox", 1);
+        let nar_url = publish(&fake, CACHE1, &a, &[], c, Some(&key()));
+        let nar = node(a.name()).to_nar();
+        let mut bad = nar.clone();
+        let pos = bad.windows(4).position(|w| w == b"echo").unwrap();
+        bad[pos] = b'E';
+        fake.put(&nar_url, compress(c, &bad));
+        let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+        let e = sub
+            .materialise(std::slice::from_ref(&a), &NoProgress)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{a}: NAR hash mismatch (expected {}, got {})",
+                NarHash::digest(&nar),
+                NarHash::digest(&bad)
+            )
+        );
+        assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
+
+        // Structurally broken but complete: still reported as a hash mismatch.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let nar_url = publish(&fake, CACHE1, &a, &[], c, Some(&key()));
+        let mut bad = nar.clone();
+        let pos = bad.windows(7).position(|w| w == b"symlink").unwrap();
+        bad[pos] = b'X';
+        fake.put(&nar_url, compress(c, &bad));
+        let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+        let e = sub
+            .materialise(std::slice::from_ref(&a), &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{a}: NAR hash mismatch")),
+            "{c}: {e}"
+        );
+        assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
+
+        // Truncated: the server ends the body early, cleanly.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let nar_url = publish(&fake, CACHE1, &a, &[], c, Some(&key()));
+        let len = fake.files.lock().unwrap()[&nar_url].len();
+        for _ in 0..3 {
+            fake.misbehave(&nar_url, Misbehave::EndAfter(len / 2));
+        }
+        let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+        let e = sub
+            .materialise(std::slice::from_ref(&a), &NoProgress)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), format!("{a}: NAR truncated"), "{c}");
+        assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
+    }
+}
+
+#[tokio::test]
+async fn larger_nar_than_announced_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("big", 1);
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::None, Some(&key()));
+    let mut bigger = node(a.name()).to_nar();
+    bigger.extend_from_slice(&[0u8; 4096]);
+    fake.put(&nar_url, bigger);
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{a}: NAR size mismatch")),
+        "{e}"
+    );
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn wrong_store_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("a", 1);
+    publish(&fake, CACHE1, &a, &[], Compression::Xz, Some(&key()));
+    fake.put(
+        &format!("{CACHE1}nix-cache-info"),
+        b"StoreDir: /gnu/store\n".to_vec(),
+    );
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{a}: substituter {CACHE1}: store directory is /gnu/store, not /nix/store")
+    );
+}
+
+#[test]
+fn concurrent_materialisations_fetch_each_nar_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeFetch::default());
+    let paths = diamond(&fake, CACHE1, Compression::Xz);
+    let cfg = config(dir.path(), &[CACHE1]);
+
+    /// Shares one fake between substituters (each with its own store handle).
+    struct Shared(Arc<FakeFetch>);
+    impl Fetch for Shared {
+        async fn get(&self, url: &Url) -> Result<Body, FetchError> {
+            self.0.get(url).await
+        }
+    }
+
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (cfg, fake, root) = (cfg.clone(), fake.clone(), paths[0].clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let store = Arc::new(Store::open(&cfg.state_dir).unwrap());
+                    let sub = Substituter::new(&cfg, Shared(fake), store).unwrap();
+                    sub.materialise(&[root], &NoProgress).await.unwrap()
+                })
+            })
+        })
+        .collect();
+    let results: Vec<Closure> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for r in &results {
+        assert_eq!(r, &results[0]);
+    }
+    assert_eq!(results[0].paths.len(), 5);
+    for p in &paths {
+        let nar = fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|u| u.ends_with(".nar.xz"))
+            .count();
+        assert_eq!(nar, 5, "{p}");
+    }
+    assert!(store_entries(dir.path())
+        .iter()
+        .all(|e| !e.contains(".tmp")));
+}
+
+#[tokio::test]
+async fn referrers_of_a_failed_path_are_not_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let paths = diamond(&fake, CACHE1, Compression::Zstd);
+    let (glibc, unrelated) = (paths[4].clone(), sp("unrelated", 6));
+    publish(
+        &fake,
+        CACHE1,
+        &unrelated,
+        &[],
+        Compression::Zstd,
+        Some(&key()),
+    );
+    // glibc's NAR is slow to fail: everything else is downloaded and verified first.
+    let glibc_nar = format!("{CACHE1}{}", {
+        let text = String::from_utf8(
+            fake.files.lock().unwrap()[&format!("{CACHE1}{}.narinfo", glibc.hash_str())].clone(),
+        )
+        .unwrap();
+        NarInfo::parse(&text).unwrap().url
+    });
+    let nar = node(glibc.name()).to_nar();
+    let mut bad = nar.clone();
+    let pos = bad.windows(4).position(|w| w == b"echo").unwrap();
+    bad[pos] = b'E';
+    fake.put(&glibc_nar, compress(Compression::Zstd, &bad));
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(&[paths[0].clone(), unrelated.clone()], &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{glibc}: NAR hash mismatch")),
+        "{e}"
+    );
+    // Everything depends on glibc except `unrelated`, which may or may not have been
+    // committed before the failure; nothing else is there, nothing temporary either.
+    let left: Vec<String> = store_entries(dir.path())
+        .into_iter()
+        .filter(|e| !e.contains(unrelated.hash_str()))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+}
