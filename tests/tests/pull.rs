@@ -1,0 +1,432 @@
+//! End-to-end tests of `nixenv pull`: the real CLI binary, fixture closures built by the
+//! host's Nix, signed caches served over HTTP on 127.0.0.1 (and `file://`), and Nix's own
+//! tools (`nix-hash`, `nix-store --dump`) as the judge of what lands in the node store.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nixenv_testkit::fixtures::{echo, store_path_base, store_path_hash};
+use nixenv_testkit::{Cache, CacheServer, Fault, Fixtures, TestNode};
+
+/// A node that trusts the fixture key and uses `substituters` in order.
+fn node(substituters: &[&str]) -> TestNode {
+    let fx = Fixtures::get();
+    let mut node = TestNode::new().trusting(&fx.trusted_key.public);
+    for s in substituters {
+        node = node.substituter(s);
+    }
+    node
+}
+
+fn pull(node: &TestNode, refs: &[&str]) -> Output {
+    let mut args = vec!["pull"];
+    args.extend_from_slice(refs);
+    node.nixenv(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nixenv pull")
+}
+
+fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and that stdout is exactly the echoserver closure.
+fn assert_pulled_echoserver(out: &Output) {
+    let fx = Fixtures::get();
+    assert!(out.status.success(), "nixenv pull failed: {}", stderr(out));
+    let mut lines = stdout_lines(out);
+    lines.sort();
+    assert_eq!(lines, fx.echoserver_closure(), "stdout must be the closure");
+}
+
+/// Nix's NAR hash (`sha256:<nixbase32>`) and size of a path anywhere on disk.
+fn nix_nar_hash_and_size(path: &Path) -> (String, u64) {
+    let hash = Command::new("nix-hash")
+        .args(["--type", "sha256", "--base32"])
+        .arg(path)
+        .output()
+        .expect("run nix-hash");
+    assert!(
+        hash.status.success(),
+        "nix-hash {}: {}",
+        path.display(),
+        stderr(&hash)
+    );
+    let mut dump = Command::new("nix-store")
+        .arg("--dump")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run nix-store --dump");
+    let size = std::io::copy(&mut dump.stdout.take().unwrap(), &mut std::io::sink()).unwrap();
+    assert!(dump.wait().unwrap().success());
+    let hash = String::from_utf8(hash.stdout).unwrap();
+    (format!("sha256:{}", hash.trim()), size)
+}
+
+/// Every path of the echoserver closure in the node store serialises, per Nix, to exactly the
+/// NAR the cache's narinfo describes: same tree, contents, executable bits and symlinks.
+fn assert_byte_identical(node: &TestNode, cache: Cache) {
+    let fx = Fixtures::get();
+    for path in fx.echoserver_closure() {
+        let installed = node.store_dir().join(store_path_base(path));
+        let meta = std::fs::symlink_metadata(&installed)
+            .unwrap_or_else(|e| panic!("{} not installed: {e}", installed.display()));
+        assert!(meta.is_dir());
+        let narinfo = fx.narinfo(cache, path);
+        let (hash, size) = nix_nar_hash_and_size(&installed);
+        assert_eq!(hash, narinfo.nar_hash, "NarHash of installed {path}");
+        assert_eq!(size, narinfo.nar_size, "NarSize of installed {path}");
+    }
+    // Read-only like Nix's store: no write bits anywhere in the tree.
+    let out = Command::new("find")
+        .arg(node.store_dir())
+        .args(["-mindepth", "1", "-perm", "/222", "-not", "-type", "l"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "writable files in the store"
+    );
+    assert_eq!(
+        node.leftovers(),
+        Vec::<String>::new(),
+        "leftovers in the state dir"
+    );
+}
+
+/// Runs echoserver from the node store: a private mount namespace with `{state-dir}/store`
+/// bind-mounted on `/nix/store`, so the ELF interpreter and RPATH resolve inside the node
+/// store (and only there). Returns its answer.
+fn run_echoserver_from_node_store(node: &TestNode) -> nixenv_testkit::EchoReply {
+    let fx = Fixtures::get();
+    let script = format!(
+        "mount --bind {store} /nix/store && exec {echo}/bin/echoserver --port 0",
+        store = node.store_dir().display(),
+        echo = fx.echoserver
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("ECHO_MESSAGE", "from the node store")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run unshare");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let reply = line
+        .trim()
+        .strip_prefix("echoserver listening on 0.0.0.0:")
+        .map(|port| echo(&format!("127.0.0.1:{port}"), Duration::from_secs(10)));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().unwrap();
+    let reply = match reply {
+        Some(r) => r.unwrap(),
+        None => {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("echoserver did not start from the node store: {line:?} {err}");
+        }
+    };
+    assert_eq!(status.code(), Some(0), "echoserver exits 0 on SIGTERM");
+    reply
+}
+
+#[test]
+fn pull_xz_over_http_installs_nix_identical_trees_that_run() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_pulled_echoserver(&out);
+    assert_byte_identical(&node, Cache::Xz);
+
+    // The program runs against the glibc in the node store, and sees exactly its closure.
+    let reply = run_echoserver_from_node_store(&node);
+    assert_eq!(reply.message.as_deref(), Some("from the node store"));
+    let mut closure: Vec<String> = fx
+        .echoserver_closure()
+        .iter()
+        .map(|p| store_path_base(p).to_string())
+        .collect();
+    closure.sort();
+    assert_eq!(reply.store, Some(closure));
+    // Symlinks stay symlinks.
+    let sh = node
+        .store_dir()
+        .join(store_path_base(&fx.busybox))
+        .join("bin/sh");
+    assert_eq!(std::fs::read_link(sh).unwrap(), Path::new("busybox"));
+    // Every NAR was fetched once.
+    assert_eq!(
+        server.requests_matching("/nar/*"),
+        fx.echoserver_closure().len()
+    );
+}
+
+#[test]
+fn pull_zstd_over_http_installs_nix_identical_trees() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Zstd));
+    let node = node(&[&server.url()]);
+    assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
+    assert_byte_identical(&node, Cache::Zstd);
+    assert_eq!(
+        server.requests_matching("*.nar.zst"),
+        fx.echoserver_closure().len()
+    );
+}
+
+#[test]
+fn pull_from_file_urls_for_every_compression() {
+    let fx = Fixtures::get();
+    for cache in [Cache::Xz, Cache::Zstd, Cache::Bzip2, Cache::None] {
+        let node = node(&[&fx.cache_file_url(cache)]);
+        let out = pull(&node, &[&fx.echoserver]);
+        assert!(out.status.success(), "{cache:?}: {}", stderr(&out));
+        assert_pulled_echoserver(&out);
+        assert_byte_identical(&node, cache);
+    }
+}
+
+#[test]
+fn pull_of_a_dependency_only_installs_its_closure() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.data]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout_lines(&out), fx.closure(&fx.data));
+    let mut expected: Vec<String> = fx
+        .closure(&fx.data)
+        .iter()
+        .map(|p| store_path_base(p).to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(node.store_entries(), expected);
+    assert_eq!(server.requests_matching("/nar/*"), 2);
+}
+
+/// The failure contract: non-zero exit, exactly one `nixenv: …` error line on stderr that
+/// names `path` and contains one of `causes`, nothing on stdout, `path` absent from the store
+/// and no half-installed leftovers.
+fn assert_refused(node: &TestNode, out: &Output, path: &str, causes: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "pull succeeded but must fail: {err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no paths on stdout"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("nixenv:")).collect();
+    assert_eq!(errors.len(), 1, "exactly one error line expected in: {err}");
+    let line = errors[0];
+    assert!(line.contains(path), "the error must name {path}: {line}");
+    let lower = line.to_lowercase();
+    assert!(
+        causes.iter().any(|c| lower.contains(c)),
+        "the error must give the cause ({causes:?}): {line}"
+    );
+    assert!(
+        !node.store_dir().join(store_path_base(path)).exists(),
+        "{path} must not be in the store"
+    );
+    assert!(
+        !node
+            .state_dir()
+            .join("meta")
+            .join(format!("{}.json", store_path_hash(path)))
+            .exists(),
+        "{path} must have no record"
+    );
+    assert_eq!(
+        node.leftovers(),
+        Vec::<String>::new(),
+        "leftovers in the state dir"
+    );
+}
+
+fn refused_by(cache: Cache, causes: &[&str]) {
+    let fx = Fixtures::get();
+    let victim = fx.victim(cache).unwrap();
+    let server = CacheServer::serve(fx.cache(cache));
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_refused(&node, &out, victim, causes);
+}
+
+#[test]
+fn refuses_a_path_signed_only_by_an_untrusted_key() {
+    refused_by(
+        Cache::Untrusted,
+        &["not trusted", "untrusted", "no trusted", "signature"],
+    );
+    // The same cache is accepted once its key is trusted.
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Untrusted));
+    let node = node(&[&server.url()]).trusting(&fx.untrusted_key.public);
+    assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
+}
+
+#[test]
+fn refuses_a_bad_signature() {
+    refused_by(Cache::BadSig, &["signature"]);
+}
+
+#[test]
+fn refuses_a_tampered_nar() {
+    refused_by(Cache::TamperedNar, &["hash"]);
+}
+
+#[test]
+fn refuses_a_truncated_nar() {
+    refused_by(
+        Cache::TruncatedNar,
+        &["truncated", "decompress", "unexpected end", "eof", "size"],
+    );
+}
+
+#[test]
+fn refuses_a_path_no_cache_has_after_asking_every_cache() {
+    let fx = Fixtures::get();
+    let empty = tempfile::tempdir().unwrap();
+    let first = CacheServer::serve(empty.path());
+    let second = CacheServer::serve(fx.cache(Cache::Xz));
+    let glibc_narinfo = format!("/{}.narinfo", store_path_hash(&fx.glibc));
+    second.inject(&glibc_narinfo, Fault::Status(404));
+    let node = node(&[&first.url(), &second.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_refused(&node, &out, &fx.glibc, &["not found"]);
+    assert!(first.requests(&glibc_narinfo) >= 1, "first cache asked");
+    assert!(
+        second.requests(&glibc_narinfo) >= 1,
+        "404 moves on to the second cache"
+    );
+    // A 404 is an answer, not a failure to retry.
+    assert_eq!(second.requests(&glibc_narinfo), 1);
+}
+
+#[test]
+fn refuses_when_the_server_keeps_dropping_the_connection_mid_nar() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let nar = format!("/{}", fx.narinfo(Cache::Xz, &fx.glibc).url);
+    server.inject(&nar, Fault::DropAfter(100_000));
+    let node = node(&[&server.url()]).with_config_line("download-attempts = 3");
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_refused(
+        &node,
+        &out,
+        &fx.glibc,
+        &[
+            "download",
+            "connection",
+            "closed",
+            "reset",
+            "truncated",
+            "body",
+            "eof",
+        ],
+    );
+    assert_eq!(server.requests(&nar), 3, "retried up to download-attempts");
+}
+
+#[test]
+fn retries_a_500_and_succeeds() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let echo_narinfo = format!("/{}.narinfo", store_path_hash(&fx.echoserver));
+    let glibc_nar = format!("/{}", fx.narinfo(Cache::Xz, &fx.glibc).url);
+    server.inject_n(&echo_narinfo, Fault::Status(500), 1);
+    server.inject_n(&glibc_nar, Fault::Status(503), 1);
+    server.inject_n(&glibc_nar, Fault::DropAfter(50_000), 1);
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_pulled_echoserver(&out);
+    assert_byte_identical(&node, Cache::Xz);
+    assert_eq!(server.requests(&echo_narinfo), 2);
+    assert_eq!(server.requests(&glibc_nar), 3);
+}
+
+#[test]
+fn sixteen_concurrent_pulls_fetch_each_nar_once() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    // Slow NARs down a little so the processes really overlap.
+    server.inject("/nar/*", Fault::Delay(Duration::from_millis(200)));
+    let node = node(&[&server.url()]);
+    let children: Vec<_> = (0..16)
+        .map(|_| {
+            node.nixenv(&["pull", &fx.echoserver])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn nixenv pull")
+        })
+        .collect();
+    for child in children {
+        assert_pulled_echoserver(&child.wait_with_output().unwrap());
+    }
+    assert_byte_identical(&node, Cache::Xz);
+    for path in fx.echoserver_closure() {
+        let nar = format!("/{}", fx.narinfo(Cache::Xz, path).url);
+        assert_eq!(server.requests(&nar), 1, "NAR of {path} fetched once");
+    }
+}
+
+#[test]
+fn warm_pull_makes_no_request() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Zstd));
+    let node = node(&[&server.url()]);
+    let cold = pull(&node, &[&fx.echoserver]);
+    assert_pulled_echoserver(&cold);
+    server.reset_counts();
+    let warm = pull(&node, &[&fx.echoserver]);
+    assert_pulled_echoserver(&warm);
+    assert_eq!(server.request_log(), vec![], "a warm pull asks nothing");
+    assert_eq!(warm.stdout, cold.stdout);
+    // Not even when the cache is gone.
+    drop(server);
+    assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
+}
+
+#[test]
+fn a_pull_after_a_partial_one_fetches_only_what_is_missing() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let node = node(&[&server.url()]);
+    assert!(pull(&node, &[&fx.data]).status.success());
+    server.reset_counts();
+    assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
+    let mut fetched: Vec<String> = server
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/nar/"))
+        .map(|r| r.path)
+        .collect();
+    fetched.sort();
+    let mut expected: Vec<String> = [&fx.echoserver, &fx.glibc]
+        .iter()
+        .map(|p| format!("/{}", fx.narinfo(Cache::Xz, p).url))
+        .collect();
+    expected.sort();
+    assert_eq!(fetched, expected);
+}
