@@ -1,1 +1,39 @@
-fn main() {}
+//! `containerd-shim-nixenv-v2`: the containerd shim v2 of nixenv (runtime type
+//! `io.containerd.nixenv.v2`). Containers whose pod names a Nix environment get its closure
+//! mounted (through `nixenv_core::runtime`) before `runc create`; everything else runs as on
+//! containerd's runc shim.
+
+mod bootstrap;
+mod container;
+mod events;
+mod io;
+mod logging;
+mod mount;
+mod oom;
+mod process;
+mod reaper;
+mod runc;
+mod service;
+mod stats;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = (|| -> anyhow::Result<()> {
+        let flags = containerd_shim::parse(&args[1..])?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(bootstrap::run(flags))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerd-shim-nixenv-v2: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The shim binary's actions, as containerd runs them: `start` (find or spawn the pod's shim
+//! server, print its address), `delete` (clean up after a dead shim), and serving the Task
+//! API over TTRPC (registered as both `containerd.task.v2.Task`, which containerd 1.6 and 1.7
+//! call, and `containerd.task.v3.Task`, which 2.x calls).
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim_async::create_task;
+use containerd_shim::protos::ttrpc::r#async::transport::Listener;
+use containerd_shim::protos::ttrpc::r#async::Server;
+use containerd_shim::protos::types::introspection::RuntimeInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags, Task};
+
+use crate::events::{timestamp, Events};
+use crate::service::Service;
+
+/// The runtime name containerd knows this shim by.
+pub const RUNTIME_NAME: &str = "io.containerd.nixenv.v2";
+/// Annotations that group containers into one shim (the pod's sandbox id first).
+const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.kubernetes.cri.sandbox-id",
+    "io.containerd.runc.v2.group",
+];
+const TASK_V2: &str = "containerd.task.v2.Task";
+const TASK_V3: &str = "containerd.task.v3.Task";
+
+/// Why an action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shim server for {address} did not come up")]
+    NotServing { address: String },
+    #[error("TTRPC_ADDRESS is not set")]
+    NoTtrpcAddress,
+    #[error("connect to containerd events at {address}: {message}")]
+    Publisher { address: String, message: String },
+    #[error("ttrpc server: {0}")]
+    Server(String),
+    #[error("encode: {0}")]
+    Encode(#[from] containerd_shim::protos::protobuf::Error),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootstrapError {
+    let what = what.into();
+    move |source| BootstrapError::Io { what, source }
+}
+
+/// Runs the action the flags name.
+pub async fn run(flags: Flags) -> Result<(), BootstrapError> {
+    if flags.version {
+        println!("containerd-shim-nixenv-v2 {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    if flags.info {
+        let _ = read_stdin();
+        let info = RuntimeInfo {
+            name: RUNTIME_NAME.to_owned(),
+            ..Default::default()
+        };
+        std::io::stdout()
+            .write_all(&info.write_to_bytes()?)
+            .map_err(io_err("write runtime info"))?;
+        return Ok(());
+    }
+    match flags.action.as_str() {
+        "start" => start(&flags).await,
+        "delete" => delete(&flags).await,
+        _ => serve(&flags).await,
+    }
+}
+
+fn read_stdin() -> Vec<u8> {
+    use std::io::IsTerminal;
+    let mut buf = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        let _ = std::io::stdin().take(10 << 20).read_to_end(&mut buf);
+    }
+    buf
+}
+
+/// The shim group of the container whose bundle is `bundle`: its pod's sandbox id.
+pub fn grouping(bundle: &Path, id: &str) -> String {
+    let annotations = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("annotations").cloned());
+    if let Some(a) = annotations {
+        for key in GROUP_ANNOTATIONS {
+            if let Some(v) = a.get(key).and_then(|v| v.as_str()) {
+                if !v.is_empty() {
+                    return v.to_owned();
+                }
+            }
+        }
+    }
+    id.to_owned()
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+fn serving(address: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(socket_path(address)).is_ok()
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(tmp, path)
+}
+
+/// `start`: reuse the pod's shim or spawn it; print its address.
+async fn start(flags: &Flags) -> Result<(), BootstrapError> {
+    let _options = read_stdin();
+    let bundle = std::env::current_dir().map_err(io_err("current dir"))?;
+    let group = grouping(&bundle, &flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    if !serving(&address) {
+        spawn_server(flags, &address)?;
+        let mut up = false;
+        for _ in 0..100 {
+            if serving(&address) {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !up {
+            return Err(BootstrapError::NotServing { address });
+        }
+    }
+    write_atomically(&bundle.join("address"), address.as_bytes())
+        .map_err(io_err("write address file"))?;
+    let mut out = std::io::stdout();
+    out.write_all(address.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(io_err("write address"))?;
+    Ok(())
+}
+
+/// Spawns the server in its own session and waits until it listens (it closes our pipe).
+fn spawn_server(flags: &Flags, address: &str) -> Result<(), BootstrapError> {
+    let exe = std::env::current_exe().map_err(io_err("current exe"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &flags.address,
+        "-socket",
+        address,
+    ]);
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(io_err("spawn shim server"))?;
+    if let Some(mut out) = child.stdout.take() {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+    }
+    Ok(())
+}
+
+/// `delete`: containerd's cleanup after a shim is gone: remove the runc container, unmount,
+/// unpin; reply with a killed exit.
+async fn delete(flags: &Flags) -> Result<(), BootstrapError> {
+    let _ = read_stdin();
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(io_err("current dir"))?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let cfg = nixenv_core::config::Config::load().ok();
+    let runc = cfg
+        .as_ref()
+        .and_then(|c| c.runc.clone())
+        .unwrap_or_else(|| PathBuf::from("runc"));
+    let root = crate::runc::default_root(&flags.namespace);
+    let _ = Command::new(&runc)
+        .arg("--root")
+        .arg(&root)
+        .args(["delete", "--force", &flags.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = crate::mount::unmount_all(&bundle.join("rootfs"));
+    if let Some(cfg) = &cfg {
+        let _ = nixenv_core::runtime::release(cfg, &flags.id);
+    }
+    let resp = DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: Some(timestamp(std::time::SystemTime::now())).into(),
+        ..Default::default()
+    };
+    std::io::stdout()
+        .write_all(&resp.write_to_bytes()?)
+        .map_err(io_err("write delete response"))?;
+    Ok(())
+}
+
+/// The Task service under both API names.
+fn task_services(
+    service: Service,
+) -> std::collections::HashMap<String, containerd_shim::protos::ttrpc::r#async::Service> {
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(service);
+    let mut services = create_task(task.clone());
+    if let Some(v3) = create_task(task).remove(TASK_V3) {
+        services.insert(TASK_V2.to_owned(), v3);
+    }
+    services
+}
+
+/// Serves the Task API on `-socket` until Shutdown.
+async fn serve(flags: &Flags) -> Result<(), BootstrapError> {
+    crate::logging::init(flags.debug, &flags.id);
+    crate::reaper::start().map_err(io_err("subreaper"))?;
+    let ttrpc_address =
+        std::env::var("TTRPC_ADDRESS").map_err(|_| BootstrapError::NoTtrpcAddress)?;
+    let publisher =
+        RemotePublisher::new(&ttrpc_address)
+            .await
+            .map_err(|e| BootstrapError::Publisher {
+                address: ttrpc_address.clone(),
+                message: e.to_string(),
+            })?;
+    let exit = Arc::new(ExitSignal::default());
+    let service = Service::new(
+        &flags.namespace,
+        Events::new(Some(publisher), &flags.namespace),
+        exit.clone(),
+    );
+    let path = socket_path(&flags.socket).to_owned();
+    if let Some(parent) = Path::new(&path).parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(format!("create {}", parent.display())))?;
+    }
+    let listener = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if serving(&flags.socket) {
+                // Another server of this group won the race.
+                signal_started();
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(&path);
+            std::os::unix::net::UnixListener::bind(&path).map_err(io_err(format!("bind {path}")))?
+        }
+        Err(e) => return Err(io_err(format!("bind {path}"))(e)),
+    };
+    let listener = Listener::try_from(listener).map_err(io_err("ttrpc listener"))?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(task_services(service));
+    server
+        .start()
+        .await
+        .map_err(|e| BootstrapError::Server(e.to_string()))?;
+    signal_started();
+    exit.wait().await;
+    tracing::info!("shim exiting");
+    // Let the Shutdown reply reach containerd.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Closes the pipe `start` waits on (stdout becomes stderr, i.e. /dev/null).
+fn signal_started() {
+    // SAFETY: dup2 on our own standard descriptors.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_prefers_the_sandbox_id() {
+        let dir = std::env::temp_dir().join(format!("nixenv-shim-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(grouping(&dir, "c1"), "c1");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"sb1","io.containerd.runc.v2.group":"g"}}"#,
+        )
+        .unwrap();
+        assert_eq!(grouping(&dir, "c1"), "sb1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,612 @@
+//! containerd-shim-nixenv-v2 end to end: a real containerd 1.6 (private socket and state) with
+//! the shim on its PATH, driven over CRI as the kubelet would, real runc, real fixture
+//! closures served over HTTP on 127.0.0.1. Needs root.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
+use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
+use nixenv_testkit::fixtures::{echo, store_path_base};
+use nixenv_testkit::{bin_path, images, Cache, CacheServer, Fixtures, TestNode};
+
+const BUSYBOX: &str = images::BUSYBOX_IMAGE;
+
+fn shim_dir() -> PathBuf {
+    bin_path("containerd-shim-nixenv-v2")
+        .parent()
+        .expect("shim dir")
+        .to_path_buf()
+}
+
+/// containerd with the `nixenv` and `runc` handlers, the busybox and empty images, and
+/// `NIXENV_CONFIG` from `node` if given.
+fn containerd(node: Option<&TestNode>) -> Containerd {
+    let mut b = Containerd::builder()
+        .handler(RuntimeHandler::runc())
+        .handler(RuntimeHandler::nixenv())
+        .default_handler("runc")
+        .path_dir(&shim_dir());
+    if let Some(node) = node {
+        b = b.env("NIXENV_CONFIG", node.write_config());
+    }
+    let c = b.start().expect("start containerd");
+    c.import(&images::busybox_image()).expect("import busybox");
+    c.import(&images::empty_image()).expect("import empty");
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After every pod is gone: no shim, runc container or mount of this containerd is left.
+async fn assert_clean(c: &Containerd) {
+    wait_for("shims to exit", Duration::from_secs(10), || {
+        c.shim_pids().is_empty()
+    })
+    .await;
+    let root = Path::new("/run/containerd/runc/k8s.io");
+    assert!(
+        c.runc_containers(root).is_empty(),
+        "runc containers left: {:?}",
+        c.runc_containers(root)
+    );
+    let mounts: Vec<PathBuf> = c
+        .mounts()
+        .into_iter()
+        .filter(|m| !m.starts_with(c.dir().join("root")))
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+}
+
+/// `ctr tasks exec --tty` on a pseudo-terminal of `rows`x`cols`: what the terminal showed.
+fn ctr_exec_tty(c: &Containerd, id: &str, cmd: &[&str], rows: u16, cols: u16) -> String {
+    let ws = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = c
+        .ctr()
+        .args(["tasks", "exec", "--tty", "--exec-id", "tty-test", id])
+        .args(cmd)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("run ctr");
+    let mut master = std::fs::File::from(pty.master);
+    let fd = master.as_raw_fd();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let status = child.wait().expect("wait ctr");
+    // The slave is closed by ctr's exit; reading the master then fails with EIO.
+    let _ = fd;
+    let out = reader.join().unwrap();
+    assert!(status.success(), "ctr exec --tty failed: {status}: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_pod_runs_on_the_nixenv_handler() {
+    let c = containerd(None);
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let pod = PodSpec::new("plain")
+        .handler("nixenv")
+        .log_directory(logs.path());
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+
+    // The sandbox runs through our shim.
+    wait_for("the shim", Duration::from_secs(5), || {
+        !c.shim_pids().is_empty()
+    })
+    .await;
+    let shims = c.shim_pids();
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", shims[0])).unwrap();
+    assert!(cmdline.contains("containerd-shim-nixenv-v2"), "{cmdline}");
+
+    let spec = ContainerSpec::new("main", BUSYBOX)
+        .command(&["sh", "-c"])
+        .args(&["echo hello-stdout; echo hello-stderr >&2; trap 'echo got-term; exit 3' TERM; while true; do sleep 0.1; done"])
+        .log_path("main.log");
+    let id = cri
+        .create_container(&pod_id, &pod, &spec)
+        .await
+        .expect("create");
+    cri.start_container(&id).await.expect("start");
+    let st = cri.container_status(&id).await.unwrap();
+    assert_eq!(
+        st.state,
+        nixenv_testkit::cri::api::ContainerState::ContainerRunning as i32
+    );
+
+    // One shim per pod, even with a second container.
+    assert_eq!(c.shim_pids().len(), 1, "one shim per pod");
+
+    // Exec without a terminal.
+    let r = cri
+        .exec_sync(&id, &["sh", "-c", "echo out; echo err >&2; exit 7"], 10)
+        .await
+        .expect("exec sync");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
+    assert_eq!(r.exit_code, 7);
+    let r = cri.exec_sync(&id, &["ps", "-o", "args"], 10).await.unwrap();
+    let ps = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        ps.contains("while true"),
+        "the exec runs beside the container's process: {ps}"
+    );
+
+    // Exec with a terminal (as `kubectl exec -it`): a tty of the client's size.
+    let out = ctr_exec_tty(&c, &id, &["sh", "-c", "sleep 1; tty; stty size"], 33, 101);
+    assert!(out.contains("/dev/pts/"), "tty output: {out:?}");
+    assert!(out.contains("33 101"), "tty size: {out:?}");
+
+    // Stats through the shim.
+    let stats = cri.container_stats(&id).await.expect("stats");
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value)
+            .unwrap_or(0)
+            > 0
+    );
+
+    // Logs reach the CRI log path.
+    let log = logs.path().join("main.log");
+    wait_for("container log", Duration::from_secs(10), || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        t.contains("stdout F hello-stdout") && t.contains("stderr F hello-stderr")
+    })
+    .await;
+
+    // Stop gives the exit code.
+    cri.stop_container(&id, 10).await.expect("stop");
+    let st = cri.wait_exited(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.exit_code, 3);
+    wait_for("the TERM trap's output", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("got-term")
+    })
+    .await;
+
+    cri.remove_container(&id).await.expect("remove");
+    cri.delete_pod(&pod_id).await.expect("delete pod");
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_with_a_terminal_and_a_restart_in_the_same_pod() {
+    let c = containerd(None);
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let pod = PodSpec::new("tty")
+        .handler("nixenv")
+        .log_directory(logs.path());
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+
+    let spec = ContainerSpec::new("t", BUSYBOX)
+        .command(&["sh", "-c", "tty; exit 5"])
+        .tty(true)
+        .log_path("t.log");
+    let id = cri
+        .create_container(&pod_id, &pod, &spec)
+        .await
+        .expect("create");
+    cri.start_container(&id).await.expect("start");
+    let st = cri.wait_exited(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.exit_code, 5);
+    wait_for("tty log", Duration::from_secs(5), || {
+        std::fs::read_to_string(logs.path().join("t.log"))
+            .unwrap_or_default()
+            .contains("/dev/pts/0")
+    })
+    .await;
+
+    // The kubelet restarts it: a new container, attempt 1, in the same pod and shim.
+    let shims = c.shim_pids();
+    let again = spec
+        .clone()
+        .attempt(1)
+        .command(&["sh", "-c", "exit 0"])
+        .tty(false)
+        .log_path("t1.log");
+    let id2 = cri
+        .create_container(&pod_id, &pod, &again)
+        .await
+        .expect("recreate");
+    cri.start_container(&id2).await.expect("restart");
+    let st = cri
+        .wait_exited(&id2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(st.exit_code, 0);
+    assert_eq!(c.shim_pids(), shims, "the same shim serves the restart");
+
+    cri.remove_container(&id).await.unwrap();
+    cri.remove_container(&id2).await.unwrap();
+    cri.delete_pod(&pod_id).await.unwrap();
+    assert_clean(&c).await;
+}
+
+struct Env {
+    caches: CacheServer,
+    _catalog: CacheServer,
+    node: TestNode,
+}
+
+fn nix_env() -> Env {
+    let fx = Fixtures::get();
+    let caches = CacheServer::serve(fx.cache(Cache::Xz));
+    let catalog = CacheServer::serve(&fx.catalog);
+    let node = TestNode::new()
+        .substituter(&caches.url())
+        .trusting(&fx.trusted_key.public)
+        .with_catalog(&catalog.url());
+    Env {
+        caches,
+        _catalog: catalog,
+        node,
+    }
+}
+
+fn pins(node: &TestNode) -> Vec<String> {
+    nixenv_testkit::node::list_dir(&node.state_dir().join("pins"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mission_pod_serves_from_its_closure() {
+    let fx = Fixtures::get();
+    let env = nix_env();
+    let c = containerd(Some(&env.node));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = PodSpec::new("echoserver")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let id = match cri.create_container(&pod_id, &pod, &spec).await {
+        Ok(id) => id,
+        Err(e) => panic!("create: {}\n{}", e.message(), c.log()),
+    };
+    cri.start_container(&id).await.expect("start");
+
+    let reply =
+        echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).expect("echoserver answers");
+    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    assert_eq!(
+        reply.env.get("NIXENV_ENVIRONMENT").map(String::as_str),
+        Some("acme/echoserver")
+    );
+    let path = reply.path.clone().unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:{}/bin", fx.echoserver, fx.busybox)),
+        "PATH {path}"
+    );
+    let mut want: Vec<String> = fx
+        .echoserver_closure()
+        .iter()
+        .map(|p| store_path_base(p).to_owned())
+        .collect();
+    want.sort();
+    assert_eq!(
+        reply.store,
+        Some(want.clone()),
+        "only the closure under /nix/store"
+    );
+    assert_eq!(pins(&env.node).len(), 1, "the container is pinned");
+
+    // Exec sees the same environment and cannot write the store.
+    let r = cri
+        .exec_sync(&id, &["sh", "-c", "echo $PATH; ls /nix/store"], 10)
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(path.as_str()));
+    let listed: Vec<&str> = lines.collect();
+    assert_eq!(listed, want.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = cri
+        .exec_sync(&id, &["touch", &format!("{}/owned", fx.echoserver)], 10)
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0);
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("Read-only"),
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+
+    cri.stop_container(&id, 10).await.unwrap();
+    let st = cri.wait_exited(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.exit_code, 0, "echoserver exits 0 on SIGTERM");
+    cri.remove_container(&id).await.unwrap();
+    assert!(
+        pins(&env.node).is_empty(),
+        "remove unpins: {:?}",
+        pins(&env.node)
+    );
+    cri.delete_pod(&pod_id).await.unwrap();
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_references_fail_create_with_one_line() {
+    let env = nix_env();
+    let c = containerd(Some(&env.node));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    for (reference, expect) in [
+        ("Acme/echo server", "Acme/echo server"),
+        ("acme/does-not-exist", "acme/does-not-exist"),
+        ("acme/echoserver@9", "acme/echoserver@9"),
+    ] {
+        let pod = PodSpec::new("bad")
+            .handler("nixenv")
+            .annotation("nix.dev/environment", reference);
+        let pod_id = cri.run_pod(&pod).await.expect("the sandbox itself runs");
+        let spec = ContainerSpec::new("c", "empty:latest").command(&["echoserver"]);
+        // containerd creates the task (our Create) in CRI StartContainer.
+        let id = cri
+            .create_container(&pod_id, &pod, &spec)
+            .await
+            .expect("create");
+        let err = cri.start_container(&id).await.expect_err("start must fail");
+        let msg = err.message();
+        let line = msg
+            .split_once("nixenv: ")
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        assert!(line.contains(expect), "{reference}: {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        let st = cri.container_status(&id).await.unwrap();
+        assert!(
+            st.message.contains("nixenv: ") && st.message.contains(expect),
+            "status message: {}",
+            st.message
+        );
+        assert!(pins(&env.node).is_empty());
+        cri.delete_pod(&pod_id).await.unwrap();
+    }
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_pods_of_one_environment_at_once_fetch_each_nar_once() {
+    let fx = Fixtures::get();
+    let env = nix_env();
+    let c = containerd(Some(&env.node));
+    let cri = Cri::connect(c.address()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut cri = cri.clone();
+        tasks.push(tokio::spawn(async move {
+            let port = free_port();
+            let pod = PodSpec::new(&format!("echo{i}"))
+                .handler("nixenv")
+                .annotation("nix.dev/environment", "acme/echoserver");
+            let pod_id = cri.run_pod(&pod).await.expect("run pod");
+            let spec = ContainerSpec::new("echoserver", "empty:latest")
+                .command(&["echoserver"])
+                .env("PORT", &port.to_string());
+            let id = cri
+                .create_container(&pod_id, &pod, &spec)
+                .await
+                .expect("create");
+            cri.start_container(&id).await.expect("start");
+            (pod_id, port)
+        }));
+    }
+    let mut pods = Vec::new();
+    for t in tasks {
+        pods.push(t.await.unwrap());
+    }
+    for (_, port) in &pods {
+        let reply = tokio::task::spawn_blocking({
+            let addr = format!("127.0.0.1:{port}");
+            move || echo(&addr, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+        .expect("every pod serves");
+        assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    }
+    assert_eq!(c.shim_pids().len(), 8, "one shim per pod");
+    let counts = env.caches.counts();
+    let nars: Vec<(&String, &usize)> = counts.iter().filter(|(p, _)| p.contains("nar/")).collect();
+    assert_eq!(
+        nars.len(),
+        fx.echoserver_closure().len(),
+        "one NAR per closure path: {counts:?}"
+    );
+    assert!(
+        nars.iter().all(|(_, n)| **n == 1),
+        "each NAR fetched once: {counts:?}"
+    );
+    assert_eq!(pins(&env.node).len(), 8);
+    let mut cri = cri.clone();
+    for (pod_id, _) in &pods {
+        cri.delete_pod(pod_id).await.expect("delete pod");
+    }
+    assert!(pins(&env.node).is_empty(), "pod removal unpins");
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_containers_in_one_pod_and_a_skipped_sidecar() {
+    let fx = Fixtures::get();
+    let env = nix_env();
+    let c = containerd(Some(&env.node));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = PodSpec::new("two")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver@1")
+        .annotation("nix.dev/skip-containers", "sidecar");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let main = ContainerSpec::new("main", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let sidecar = ContainerSpec::new("sidecar", BUSYBOX).command(&["sleep", "1000"]);
+    let m = cri.create_container(&pod_id, &pod, &main).await.unwrap();
+    let s = cri.create_container(&pod_id, &pod, &sidecar).await.unwrap();
+    cri.start_container(&m).await.expect("start main");
+    cri.start_container(&s).await.expect("start sidecar");
+    let reply =
+        echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).expect("echoserver answers");
+    assert_eq!(
+        reply.message.as_deref(),
+        Some("hello from generation 1"),
+        "pinned generation 1"
+    );
+    assert_eq!(
+        reply.env.get("NIXENV_GENERATION").map(String::as_str),
+        Some("1")
+    );
+    // The sidecar is untouched: its own busybox image, no /nix/store.
+    let r = cri.exec_sync(&s, &["ls", "/nix/store"], 10).await.unwrap();
+    assert_ne!(
+        r.exit_code,
+        0,
+        "sidecar has no store: {:?}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    assert_eq!(c.shim_pids().len(), 1, "one shim for the pod");
+    assert_eq!(
+        pins(&env.node).len(),
+        1,
+        "only the main container is pinned"
+    );
+    let _ = fx;
+    cri.delete_pod(&pod_id).await.unwrap();
+    assert!(pins(&env.node).is_empty());
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_containerd_config_runs_the_mission_pod() {
+    let env = nix_env();
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtimeclass/containerd-config-v2.toml");
+    // Only the runc handler comes from the testkit; `nixenv` comes from the shipped file.
+    let c = Containerd::builder()
+        .handler(RuntimeHandler::runc())
+        .append_config(&shipped)
+        .path_dir(&shim_dir())
+        .env("NIXENV_CONFIG", env.node.write_config())
+        .start()
+        .expect("start containerd");
+    c.import(&images::empty_image()).unwrap();
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = PodSpec::new("shipped")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    cri.start_container(&id).await.expect("start");
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).expect("answers");
+    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    cri.delete_pod(&pod_id).await.unwrap();
+    assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_abandoned_during_a_slow_fetch_is_retried_without_refetching() {
+    let fx = Fixtures::get();
+    let env = nix_env();
+    env.caches.inject(
+        "/nar/*",
+        nixenv_testkit::Fault::Delay(Duration::from_secs(3)),
+    );
+    let c = containerd(Some(&env.node));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = PodSpec::new("slow")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    // The kubelet gives up on a slow StartContainer (its request times out)...
+    let first = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), {
+        let mut cri = cri.clone();
+        let first = first.clone();
+        async move { cri.start_container(&first).await }
+    })
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the fetch is slower than the client's patience"
+    );
+    // ...and retries with a new container while the first fetch is still running.
+    let retry = spec.clone().attempt(1);
+    let second = cri.create_container(&pod_id, &pod, &retry).await.unwrap();
+    if let Err(e) = cri.start_container(&second).await {
+        panic!("retry: {}\n{}", e.message(), c.log());
+    }
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30)).expect("answers");
+    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    let counts = env.caches.counts();
+    let nars: Vec<(&String, &usize)> = counts.iter().filter(|(p, _)| p.contains("nar/")).collect();
+    assert_eq!(nars.len(), fx.echoserver_closure().len(), "{counts:?}");
+    assert!(
+        nars.iter().all(|(_, n)| **n == 1),
+        "each NAR fetched once across both attempts: {counts:?}"
+    );
+    cri.delete_pod(&pod_id).await.unwrap();
+    wait_for("every pin to be dropped", Duration::from_secs(10), || {
+        pins(&env.node).is_empty()
+    })
+    .await;
+    assert_clean(&c).await;
+}
