@@ -9,11 +9,14 @@
 //! - [`environment`]: references, catalog, locks, resolution cache, publishing;
 //! - [`spec`]: the OCI runtime spec rewrite;
 //! - [`pin`]: GC roots held by running containers;
+//! - [`gc`]: garbage collection of the node store (roots, last use, locking, deletion);
 //! - [`runtime`]: the one call the shim, the runc wrapper and the hook make.
 
 pub mod config;
+pub mod doctor;
 pub mod environment;
 pub mod fetch;
+pub mod gc;
 pub mod nix;
 pub mod pin;
 pub mod runtime;
