@@ -1,16 +1,16 @@
 //! nixenv core library.
 //!
 //! One concept per file:
-//! - [`nix`]: Nix formats (store paths, nixbase32, hashes, narinfo, signatures, NAR), pure and I/O-free;
-//! - [`config`]: `/etc/nixenv/config.toml`;
-//! - [`fetch`]: the HTTP/`file://` edge, as a trait;
-//! - [`substituter`]: closures from binary caches, streamed into the store;
-//! - [`store`]: the node store (atomic install, locks, crash cleanup);
-//! - [`environment`]: references, catalog, locks, resolution cache, publishing;
-//! - [`spec`]: the OCI runtime spec rewrite;
-//! - [`pin`]: GC roots held by running containers;
-//! - [`gc`]: garbage collection of the node store (roots, last use, locking, deletion);
-//! - [`runtime`]: the one call the shim, the runc wrapper and the hook make.
+//! - [`nix`] — Nix formats (store paths, nixbase32, hashes, narinfo, signatures, NAR), pure and I/O-free;
+//! - [`config`] — `/etc/nixenv/config.toml`;
+//! - [`fetch`] — the HTTP/`file://` edge, as a trait;
+//! - [`substituter`] — closures from binary caches, streamed into the store;
+//! - [`store`] — the node store (atomic install, locks, crash cleanup);
+//! - [`environment`] — references, catalog, locks, resolution cache, publishing;
+//! - [`spec`] — the OCI runtime spec rewrite;
+//! - [`pin`] — GC roots held by running containers;
+//! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
+//! - [`runtime`] — the one call the shim, the runc wrapper and the hook make.
 
 pub mod config;
 pub mod doctor;
