@@ -1,0 +1,29 @@
+//! nixenv for CRI-O and podman: `nixenv-runc`, a runc wrapper that prepares the bundle on
+//! `create`/`run` and execs the real runc, and `nixenv-hook`, the OCI hook (`precreate`,
+//! `prestart`/`createRuntime`, `poststop`).
+//!
+//! - [`args`]: runc's command line;
+//! - [`runc_log`]: errors in runc's log format;
+//! - [`exec`]: finding and starting the real runc (the process edge);
+//! - [`wrapper`]: the nixenv-runc flow;
+//! - [`hook`]: the hook stages;
+//! - [`prestart`]: mounting a closure into a container's mount namespace (the syscall edge);
+//! - [`node`]: the core library on this node.
+
+pub mod args;
+pub mod exec;
+pub mod hook;
+pub mod node;
+pub mod prestart;
+pub mod runc_log;
+pub mod wrapper;
+
+/// [`wrapper::Locate`] through `$NIXENV_RUNC` and PATH.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EnvLocate;
+
+impl wrapper::Locate for EnvLocate {
+    fn locate(&self) -> Result<std::path::PathBuf, exec::ExecError> {
+        exec::locate_runc_from_env()
+    }
+}

@@ -1,0 +1,350 @@
+//! `nixenv-runc`: prepare the bundle on `create`/`run`, release the pin after `delete`, and
+//! otherwise hand over to the real runc at once, with the same arguments.
+//!
+//! Two stages keep the pass-through path cheap: the `nixenv-runc` binary is small (argv
+//! parsing and exec, no async runtime, HTTP or config code) and execs runc at once for every
+//! subcommand but `create`, `run` and `delete` ([`dispatch`]); those it hands, argv unchanged,
+//! to `nixenv-hook runc …` next to it, which links the core and runs [`run`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::args::{self, Action, Invocation};
+use crate::exec::{ExecError, Process};
+use crate::runc_log;
+
+/// The core operations the wrapper needs, as a trait so the flow is testable without root.
+pub trait Core {
+    /// Error type; its `Display` is the one-line cause.
+    type Error: std::fmt::Display;
+    /// Prepares `<bundle>/config.json` for container `id` of the runc whose state directory is
+    /// `runtime_root` (`--root`; `None`: runc's default); returns the configured runc, if any.
+    fn prepare_bundle(
+        &mut self,
+        id: &str,
+        bundle: &Path,
+        runtime_root: Option<&Path>,
+    ) -> Result<Option<PathBuf>, Self::Error>;
+    /// Whether container `id` may hold a pin. Called on every `delete`: it must be cheap.
+    fn may_be_pinned(&mut self, id: &str) -> bool;
+    /// Releases container `id`'s pin; returns the configured runc, if any.
+    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, Self::Error>;
+    /// The configured runc (`runc` in the config), if already known without extra work.
+    fn configured_runc(&self) -> Option<PathBuf>;
+}
+
+/// Where to find the real runc when the configuration does not say.
+pub trait Locate {
+    /// The real runc.
+    fn locate(&self) -> Result<PathBuf, ExecError>;
+}
+
+/// The `nixenv-hook` stage that runs [`run`].
+pub const FULL_STAGE: &str = "runc";
+
+/// The first stage, in the `nixenv-runc` binary: execs runc for pass-through subcommands, and
+/// `full` (`nixenv-hook`) with [`FULL_STAGE`] and the same arguments otherwise. Returns the
+/// exit code when it cannot exec.
+pub fn dispatch<P: Process, L: Locate>(
+    args: &[OsString],
+    process: &P,
+    locate: &L,
+    full: impl FnOnce() -> Result<PathBuf, ExecError>,
+) -> i32 {
+    let inv = args::parse(args);
+    let target = match inv.action {
+        Action::PassThrough => locate.locate().map(|runc| (runc, args.to_vec())),
+        Action::Prepare { .. } | Action::Delete { .. } => full().map(|hook| {
+            let mut argv = Vec::with_capacity(args.len() + 1);
+            argv.push(OsString::from(FULL_STAGE));
+            argv.extend(args.iter().cloned());
+            (hook, argv)
+        }),
+    };
+    let err = match target {
+        Ok((program, argv)) => process.exec(&program, &argv),
+        Err(e) => e,
+    };
+    runc_log::report_error(
+        inv.global.log.as_deref(),
+        inv.global.log_format,
+        &format!("nixenv: {err}"),
+    );
+    1
+}
+
+/// `nixenv-hook` next to the running executable.
+pub fn sibling_hook() -> Result<PathBuf, ExecError> {
+    let exe = std::env::current_exe().map_err(|source| ExecError::Exec {
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    Ok(exe.with_file_name("nixenv-hook"))
+}
+
+/// Runs nixenv-runc with `args` (argv without argv[0]); returns the exit code when it does not
+/// exec.
+pub fn run<C: Core, P: Process, L: Locate>(
+    args: &[OsString],
+    core: &mut C,
+    process: &P,
+    locate: &L,
+) -> i32 {
+    let inv = args::parse(args);
+    let fail = |inv: &Invocation, msg: String| {
+        runc_log::report_error(inv.global.log.as_deref(), inv.global.log_format, &msg);
+        1
+    };
+    let runc = |configured: Option<PathBuf>| match configured {
+        Some(p) => Ok(p),
+        None => locate.locate(),
+    };
+    match &inv.action {
+        Action::PassThrough => match locate.locate() {
+            Ok(runc) => {
+                let e = process.exec(&runc, args);
+                fail(&inv, format!("nixenv: {e}"))
+            }
+            Err(e) => fail(&inv, format!("nixenv: {e}")),
+        },
+        Action::Prepare { bundle, id, .. } => {
+            let bundle = bundle.as_deref().map(Path::new).unwrap_or(Path::new("."));
+            let root = inv.global.root.as_deref().map(Path::new);
+            let configured = match core.prepare_bundle(&id.to_string_lossy(), bundle, root) {
+                Ok(c) => c,
+                Err(e) => return fail(&inv, format!("nixenv: {e}")),
+            };
+            match runc(configured) {
+                Ok(runc) => {
+                    let e = process.exec(&runc, args);
+                    fail(&inv, format!("nixenv: {e}"))
+                }
+                Err(e) => fail(&inv, format!("nixenv: {e}")),
+            }
+        }
+        Action::Delete { id } => {
+            let id = id.to_string_lossy();
+            if !core.may_be_pinned(&id) {
+                return match runc(core.configured_runc()) {
+                    Ok(runc) => {
+                        let e = process.exec(&runc, args);
+                        fail(&inv, format!("nixenv: {e}"))
+                    }
+                    Err(e) => fail(&inv, format!("nixenv: {e}")),
+                };
+            }
+            // runc deletes first: a refused delete (a running container without --force) keeps
+            // its closure pinned.
+            let code = match runc(core.configured_runc()).and_then(|r| process.run(&r, args)) {
+                Ok(code) => code,
+                Err(e) => return fail(&inv, format!("nixenv: {e}")),
+            };
+            if code == 0 {
+                if let Err(e) = core.release(&id) {
+                    // The container is gone; a pin left behind is stale and `nixenv gc` drops it.
+                    runc_log::report_warning(
+                        inv.global.log.as_deref(),
+                        inv.global.log_format,
+                        &format!("nixenv: {id}: cannot release pin: {e}"),
+                    );
+                }
+            }
+            code
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct FakeCore {
+        calls: Vec<String>,
+        fail: Option<String>,
+        pinned: bool,
+        runc: Option<PathBuf>,
+    }
+
+    impl Core for FakeCore {
+        type Error = String;
+        fn prepare_bundle(
+            &mut self,
+            id: &str,
+            bundle: &Path,
+            root: Option<&Path>,
+        ) -> Result<Option<PathBuf>, String> {
+            self.calls
+                .push(format!("prepare {id} {} {root:?}", bundle.display()));
+            match &self.fail {
+                Some(e) => Err(e.clone()),
+                None => Ok(self.runc.clone()),
+            }
+        }
+        fn may_be_pinned(&mut self, id: &str) -> bool {
+            self.calls.push(format!("pinned? {id}"));
+            self.pinned
+        }
+        fn release(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
+            self.calls.push(format!("release {id}"));
+            Ok(None)
+        }
+        fn configured_runc(&self) -> Option<PathBuf> {
+            self.runc.clone()
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeProcess {
+        calls: RefCell<Vec<String>>,
+        exit: i32,
+    }
+
+    impl Process for FakeProcess {
+        fn exec(&self, program: &Path, args: &[OsString]) -> ExecError {
+            self.calls
+                .borrow_mut()
+                .push(format!("exec {} {:?}", program.display(), args));
+            ExecError::NotFound
+        }
+        fn run(&self, program: &Path, args: &[OsString]) -> Result<i32, ExecError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("run {} {:?}", program.display(), args));
+            Ok(self.exit)
+        }
+    }
+
+    struct FixedRunc;
+    impl Locate for FixedRunc {
+        fn locate(&self) -> Result<PathBuf, ExecError> {
+            Ok(PathBuf::from("/usr/sbin/runc"))
+        }
+    }
+
+    fn argv(line: &str) -> Vec<OsString> {
+        line.split_whitespace().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn dispatch_execs_runc_or_hands_over_to_the_full_stage() {
+        let full = || Ok(PathBuf::from("/usr/bin/nixenv-hook"));
+        for line in [
+            "state c1",
+            "--root /r kill c1 9",
+            "--version",
+            "features",
+            "exec c1 ls",
+        ] {
+            let p = FakeProcess::default();
+            dispatch(&argv(line), &p, &FixedRunc, full);
+            assert_eq!(
+                p.calls.borrow().as_slice(),
+                [format!("exec /usr/sbin/runc {:?}", argv(line))]
+            );
+        }
+        for line in [
+            "create --bundle /b c1",
+            "run c1",
+            "--root /r delete --force c1",
+        ] {
+            let p = FakeProcess::default();
+            dispatch(&argv(line), &p, &FixedRunc, full);
+            let mut want = vec![OsString::from("runc")];
+            want.extend(argv(line));
+            assert_eq!(
+                p.calls.borrow().as_slice(),
+                [format!("exec /usr/bin/nixenv-hook {want:?}")]
+            );
+        }
+    }
+
+    #[test]
+    fn pass_through_touches_nothing() {
+        for line in [
+            "state c1",
+            "--root /r kill c1 9",
+            "--version",
+            "features",
+            "start c1",
+        ] {
+            let mut core = FakeCore::default();
+            let p = FakeProcess::default();
+            run(&argv(line), &mut core, &p, &FixedRunc);
+            assert!(core.calls.is_empty(), "{line}");
+            assert_eq!(
+                p.calls.borrow().as_slice(),
+                [format!("exec /usr/sbin/runc {:?}", argv(line))]
+            );
+        }
+    }
+
+    #[test]
+    fn create_prepares_then_execs_the_same_argv() {
+        let line = "--root /r --log /l --log-format json create --bundle /b --pid-file /p c1";
+        let mut core = FakeCore {
+            runc: Some("/opt/runc".into()),
+            ..Default::default()
+        };
+        let p = FakeProcess::default();
+        run(&argv(line), &mut core, &p, &FixedRunc);
+        assert_eq!(core.calls, ["prepare c1 /b Some(\"/r\")"]);
+        assert_eq!(
+            p.calls.borrow().as_slice(),
+            [format!("exec /opt/runc {:?}", argv(line))]
+        );
+    }
+
+    #[test]
+    fn create_failure_is_logged_in_runc_format_and_runc_is_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.json");
+        let line = format!("--log {} --log-format json create c1", log.display());
+        let mut core = FakeCore {
+            fail: Some("acme/x@9: generation 9 not found".into()),
+            ..Default::default()
+        };
+        let p = FakeProcess::default();
+        assert_eq!(run(&argv(&line), &mut core, &p, &FixedRunc), 1);
+        assert_eq!(core.calls, ["prepare c1 . None"]);
+        assert!(p.calls.borrow().is_empty());
+        let v: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["msg"], "nixenv: acme/x@9: generation 9 not found");
+    }
+
+    #[test]
+    fn delete_without_pin_execs_at_once() {
+        let mut core = FakeCore::default();
+        let p = FakeProcess::default();
+        run(&argv("delete --force c1"), &mut core, &p, &FixedRunc);
+        assert_eq!(core.calls, ["pinned? c1"]);
+        assert_eq!(p.calls.borrow().len(), 1);
+        assert!(p.calls.borrow()[0].starts_with("exec "));
+    }
+
+    #[test]
+    fn delete_with_pin_releases_after_runc_succeeds() {
+        let mut core = FakeCore {
+            pinned: true,
+            ..Default::default()
+        };
+        let p = FakeProcess::default();
+        assert_eq!(run(&argv("delete c1"), &mut core, &p, &FixedRunc), 0);
+        assert_eq!(core.calls, ["pinned? c1", "release c1"]);
+        assert!(p.calls.borrow()[0].starts_with("run /usr/sbin/runc"));
+
+        let mut core = FakeCore {
+            pinned: true,
+            ..Default::default()
+        };
+        let p = FakeProcess {
+            exit: 1,
+            ..Default::default()
+        };
+        assert_eq!(run(&argv("delete c1"), &mut core, &p, &FixedRunc), 1);
+        assert_eq!(core.calls, ["pinned? c1"], "a refused delete keeps the pin");
+    }
+}

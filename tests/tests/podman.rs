@@ -1,0 +1,458 @@
+//! podman 4.3 + conmon + runc (Debian's), with private storage: nixenv-runc as `--runtime`, and
+//! nixenv-hook's precreate and prestart hooks with the stock runc. Fixture closures are built by
+//! real Nix and served over HTTP on 127.0.0.1. Needs root.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nixenv_testkit::fixtures::{echo, store_path_base, EchoReply};
+use nixenv_testkit::podman::{free_port, Podman};
+use nixenv_testkit::{Cache, CacheServer, Fixtures, TestNode};
+
+const REAL_RUNC: &str = "/usr/sbin/runc";
+
+/// A binary of the `nixenv-hook` package, built once per test process (the testkit's
+/// `bin_path` builds from the testkit's own package, which does not hold these binaries).
+fn bin_path(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let dir = nixenv_testkit::node::bin_dir();
+    if std::env::var_os("NIXENV_TEST_BIN_DIR").is_none() {
+        BUILT.call_once(|| {
+            let profile = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("debug")
+                .to_owned();
+            let mut cmd =
+                std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+            cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "nixenv-hook",
+                    "--bins",
+                    "--target-dir",
+                ])
+                .arg(dir.parent().unwrap());
+            if profile == "release" {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().expect("run cargo build");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+    }
+    dir.join(name)
+}
+
+fn script(path: &Path, body: &str) -> PathBuf {
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_owned()
+}
+
+/// podman hands the runtime a scrubbed environment: the runtime is a two-line script giving
+/// the real nixenv-runc this node's config (as `/etc/nixenv/config.toml` would on a node).
+fn nixenv_runc_runtime(dir: &Path, node: &TestNode, runc_env: &str) -> PathBuf {
+    let config = node.write_config();
+    script(
+        &dir.join("nixenv-runc.sh"),
+        &format!(
+            "export NIXENV_CONFIG={config:?} {runc_env}\nexec {:?} \"$@\"\n",
+            bin_path("nixenv-runc")
+        ),
+    )
+}
+
+/// A hooks dir holding `runtimeclass/hooks.d/<names>` with the hook path and the config adjusted.
+fn hooks_dir(dir: &Path, node: &TestNode, names: &[&str]) -> PathBuf {
+    let hooks = dir.join("hooks.d");
+    std::fs::create_dir_all(&hooks).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let config = node.write_config();
+    for name in names {
+        let text = std::fs::read_to_string(repo.join("runtimeclass/hooks.d").join(name)).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["hook"]["path"] = bin_path("nixenv-hook").display().to_string().into();
+        json["hook"]["env"] = serde_json::json!([format!("NIXENV_CONFIG={}", config.display())]);
+        std::fs::write(hooks.join(name), json.to_string()).unwrap();
+    }
+    hooks
+}
+
+struct Env {
+    _caches: CacheServer,
+    _catalog: CacheServer,
+    node: TestNode,
+    fx: &'static Fixtures,
+}
+
+fn env() -> Env {
+    let fx = Fixtures::get();
+    let caches = CacheServer::serve(fx.cache(Cache::Zstd));
+    let catalog = CacheServer::serve(&fx.catalog);
+    let node = TestNode::new()
+        .substituter(&caches.url())
+        .trusting(&fx.trusted_key.public)
+        .with_catalog(&catalog.url());
+    Env {
+        _caches: caches,
+        _catalog: catalog,
+        node,
+        fx,
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Files under `state-dir` (outside the store) whose name or content mentions `key`: the pins.
+fn pins_mentioning(node: &TestNode, key: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, store: &Path, key: &str, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p == store {
+                continue;
+            }
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(&p, store, key, out);
+            }
+            let named = e.file_name().to_string_lossy().contains(key);
+            let content = ft.is_file()
+                && std::fs::read(&p)
+                    .is_ok_and(|b| b.windows(key.len()).any(|w| w == key.as_bytes()));
+            if named || content {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&node.state_dir(), &node.store_dir(), key, &mut out);
+    out
+}
+
+/// The precreate hook's pin key: `rootfs-` and the first 16 bytes of SHA-256(root path), in hex.
+fn rootfs_key(root: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(root.as_bytes());
+    format!(
+        "rootfs-{}",
+        d[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn container_id(podman: &Podman, name: &str) -> String {
+    podman
+        .ok(&["inspect", "--format", "{{.Id}}", name])
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn assert_echoserver_env(reply: &EchoReply, fx: &Fixtures) {
+    assert_eq!(
+        reply.message.as_deref(),
+        Some("hello from nix"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        reply.env.get("NIXENV_ENVIRONMENT").map(String::as_str),
+        Some("acme/echoserver")
+    );
+    assert_eq!(
+        reply.env.get("NIXENV_GENERATION").map(String::as_str),
+        Some("2")
+    );
+    let path = reply.path.as_deref().unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:", fx.echoserver)),
+        "PATH {path}"
+    );
+    let want: Vec<String> = fx
+        .echoserver_closure()
+        .iter()
+        .map(|p| store_path_base(p).to_owned())
+        .collect();
+    assert_eq!(
+        reply.store.as_ref(),
+        Some(&want),
+        "only the closure under /nix/store"
+    );
+}
+
+#[test]
+fn nixenv_runc_serves_the_environment_and_rm_unpins() {
+    let e = env();
+    let podman = Podman::new();
+    let runtime = nixenv_runc_runtime(podman.dir(), &e.node, "");
+    let podman = podman.runtime(runtime);
+    podman.import_empty_image().unwrap();
+    let (name, port) = (unique("echo"), free_port());
+    let out = podman.run(
+        &[
+            "-d",
+            "--name",
+            &name,
+            "--annotation",
+            "nix.dev/environment=acme/echoserver",
+            "-e",
+            &format!("PORT={port}"),
+        ],
+        &["echoserver"],
+    );
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
+        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    assert_echoserver_env(&reply, e.fx);
+
+    let id = container_id(&podman, &name);
+    assert!(
+        !pins_mentioning(&e.node, &id).is_empty(),
+        "a running container pins its closure"
+    );
+    podman.ok(&["rm", "--force", "--time", "0", &name]).unwrap();
+    assert_eq!(
+        pins_mentioning(&e.node, &id),
+        Vec::<PathBuf>::new(),
+        "podman rm unpins"
+    );
+    // The store keeps the paths for the next container.
+    for p in e.fx.echoserver_closure() {
+        assert!(e.node.store_dir().join(store_path_base(p)).exists(), "{p}");
+    }
+}
+
+#[test]
+fn precreate_hook_with_stock_runc_gives_the_same_result() {
+    let e = env();
+    let podman = Podman::new();
+    let hooks = hooks_dir(
+        podman.dir(),
+        &e.node,
+        &["nixenv-precreate.json", "nixenv-poststop.json"],
+    );
+    let podman = podman.runtime(REAL_RUNC).hooks_dir(hooks);
+    podman.import_empty_image().unwrap();
+    let (name, port) = (unique("pre"), free_port());
+    let out = podman.run(
+        &[
+            "-d",
+            "--name",
+            &name,
+            "--annotation",
+            "nix.dev/environment=acme/echoserver",
+            "-e",
+            &format!("PORT={port}"),
+        ],
+        &["echoserver"],
+    );
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
+        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    assert_echoserver_env(&reply, e.fx);
+
+    let root = podman
+        .ok(&[
+            "inspect",
+            "--format",
+            "{{.GraphDriver.Data.MergedDir}}",
+            &name,
+        ])
+        .unwrap();
+    let key = rootfs_key(root.trim());
+    assert!(
+        !pins_mentioning(&e.node, &key).is_empty(),
+        "precreate pins by rootfs key"
+    );
+    podman.ok(&["rm", "--force", "--time", "0", &name]).unwrap();
+    assert_eq!(
+        pins_mentioning(&e.node, &key),
+        Vec::<PathBuf>::new(),
+        "poststop unpins"
+    );
+}
+
+#[test]
+fn prestart_hook_mounts_the_closure_read_only() {
+    let e = env();
+    let podman = Podman::new();
+    let hooks = hooks_dir(
+        podman.dir(),
+        &e.node,
+        &["nixenv-prestart.json", "nixenv-poststop.json"],
+    );
+    let podman = podman.runtime(REAL_RUNC).hooks_dir(hooks);
+    podman.import_empty_image().unwrap();
+    let (name, port) = (unique("prestart"), free_port());
+    // Minimal mode: no env, no PATH from nixenv; the command is an absolute store path.
+    let server = format!("{}/bin/echoserver", e.fx.echoserver);
+    let out = podman.run(
+        &[
+            "-d",
+            "--name",
+            &name,
+            "--annotation",
+            "nix.dev/environment=acme/echoserver",
+            "-e",
+            &format!("PORT={port}"),
+        ],
+        &[&server],
+    );
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
+        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    let want: Vec<String> =
+        e.fx.echoserver_closure()
+            .iter()
+            .map(|p| store_path_base(p).to_owned())
+            .collect();
+    assert_eq!(
+        reply.store.as_ref(),
+        Some(&want),
+        "only the closure under /nix/store"
+    );
+    assert_eq!(reply.message, None, "a hook cannot set env");
+
+    // Read-only: even root in the container cannot write into the store.
+    let touch = format!("{}/bin/touch", e.fx.busybox);
+    for target in [
+        format!("{}/new", e.fx.echoserver),
+        "/nix/store/new".to_owned(),
+    ] {
+        let out = podman.output(&["exec", &name, &touch, &target]);
+        assert!(!out.status.success(), "wrote {target}");
+        assert!(
+            stderr(&out).contains("Read-only file system"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let id = container_id(&podman, &name);
+    assert!(
+        !pins_mentioning(&e.node, &id).is_empty(),
+        "prestart pins by container id"
+    );
+    podman.ok(&["rm", "--force", "--time", "0", &name]).unwrap();
+    assert_eq!(
+        pins_mentioning(&e.node, &id),
+        Vec::<PathBuf>::new(),
+        "poststop unpins"
+    );
+}
+
+#[test]
+fn a_container_without_the_annotation_keeps_a_byte_identical_config() {
+    let node = TestNode::new();
+    let podman = Podman::new();
+    let dir = podman.dir().to_owned();
+    // The fake runc records config.json as nixenv-runc leaves it, and the argv, then runs runc.
+    let fake = script(
+        &dir.join("fake-runc.sh"),
+        &format!(
+            "printf '%s\\n' \"$*\" >> {dir:?}/argv\n\
+             for a in \"$@\"; do [ \"$prev\" = --bundle ] && cp \"$a/config.json\" {dir:?}/after.json; prev=$a; done\n\
+             exec {REAL_RUNC} \"$@\"\n"
+        ),
+    );
+    let config = node.write_config();
+    let runtime = script(
+        &dir.join("runtime.sh"),
+        &format!(
+            "printf '%s\\n' \"$*\" >> {dir:?}/argv.in\n\
+             for a in \"$@\"; do [ \"$prev\" = --bundle ] && cp \"$a/config.json\" {dir:?}/before.json; prev=$a; done\n\
+             NIXENV_CONFIG={config:?} NIXENV_RUNC={fake:?} exec {:?} \"$@\"\n",
+            bin_path("nixenv-runc")
+        ),
+    );
+    let podman = podman.runtime(runtime);
+    podman.import_empty_image().unwrap();
+    let out = podman.run(
+        &["--rm", "-v", "/bin/busybox:/bin/busybox:ro"],
+        &["/bin/busybox", "echo", "plain"],
+    );
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "plain");
+    let before = std::fs::read(dir.join("before.json")).unwrap();
+    let after = std::fs::read(dir.join("after.json")).unwrap();
+    assert!(before.len() > 100);
+    assert!(before == after, "config.json changed");
+    let argv_in = std::fs::read_to_string(dir.join("argv.in")).unwrap();
+    let argv_out = std::fs::read_to_string(dir.join("argv")).unwrap();
+    assert_eq!(
+        argv_in, argv_out,
+        "runc got the same arguments for every subcommand"
+    );
+    assert!(
+        argv_in.lines().any(|l| l.starts_with("create ")),
+        "{argv_in}"
+    );
+    assert!(
+        argv_in.lines().any(|l| l.starts_with("delete ")),
+        "{argv_in}"
+    );
+}
+
+#[test]
+fn a_bad_reference_fails_podman_run_with_the_one_line_error() {
+    let e = env();
+    let podman = Podman::new();
+    let runtime = nixenv_runc_runtime(podman.dir(), &e.node, "");
+    let podman = podman.runtime(runtime);
+    podman.import_empty_image().unwrap();
+    for (reference, cause) in [
+        ("acme/echoserver@9", "generation 9"),
+        ("Acme/Bad!", "Acme/Bad!"),
+        ("acme/nothing-here", "not found"),
+    ] {
+        let name = unique("bad");
+        let out = podman.run(
+            &[
+                "--name",
+                &name,
+                "--annotation",
+                &format!("nix.dev/environment={reference}"),
+            ],
+            &["echoserver"],
+        );
+        assert!(!out.status.success(), "{reference}: podman run succeeded");
+        let err = stderr(&out);
+        let line = err
+            .lines()
+            .find(|l| l.contains("nixenv: "))
+            .unwrap_or_else(|| panic!("{reference}: no nixenv error in: {err}"));
+        assert!(
+            line.contains(reference) && line.contains(cause),
+            "{reference}: {line}"
+        );
+        // Nothing left pinned for the failed container.
+        let id = container_id(&podman, &name);
+        assert_eq!(
+            pins_mentioning(&e.node, &id),
+            Vec::<PathBuf>::new(),
+            "{reference}"
+        );
+    }
+}
