@@ -40,13 +40,13 @@ pub enum PullError {
     },
     /// The failing path is the reference itself (or one of several references).
     #[error(transparent)]
-    Substitute(SubstituteError),
+    Substitute(Box<SubstituteError>),
     /// A dependency of `reference` failed.
     #[error("{reference}: {source}")]
     Dependency {
         reference: String,
         #[source]
-        source: SubstituteError,
+        source: Box<SubstituteError>,
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -69,10 +69,12 @@ pub fn resolve_ref(cfg: &Config, reference: &str) -> Result<Vec<StorePath>, Pull
     }
     StorePath::from_absolute_path(reference.trim_end_matches('/'))
         .map(|p| vec![p])
-        .map_err(|StorePathError::Invalid { reason, .. }| PullError::BadReference {
-            reference: reference.to_owned(),
-            reason,
-        })
+        .map_err(
+            |StorePathError::Invalid { reason, .. }| PullError::BadReference {
+                reference: reference.to_owned(),
+                reason,
+            },
+        )
 }
 
 pub fn run(globals: &Globals, args: &PullArgs) -> Result<(), PullError> {
@@ -86,24 +88,26 @@ pub fn run(globals: &Globals, args: &PullArgs) -> Result<(), PullError> {
             (Some(p), [only]) if p.to_absolute_path() != only.trim_end_matches('/') => {
                 PullError::Dependency {
                     reference: only.clone(),
-                    source: e,
+                    source: Box::new(e),
                 }
             }
-            _ => PullError::Substitute(e),
+            _ => PullError::Substitute(Box::new(e)),
         }
     };
 
     // Warm store: the closure from local records, no runtime, no network.
-    let store = substituter::open_store(&cfg).map_err(PullError::Substitute)?;
+    let store = substituter::open_store(&cfg).map_err(|e| PullError::Substitute(Box::new(e)))?;
     // Held until the paths are printed: gc waits, or has finished and we fetch again.
     let _gc = nixenv_core::gc::GcLock::shared(&cfg.state_dir).map_err(|source| {
-        PullError::Substitute(SubstituteError::OpenStore {
+        PullError::Substitute(Box::new(SubstituteError::OpenStore {
             state_dir: cfg.state_dir.clone(),
             source: Box::new(source),
-        })
+        }))
     })?;
     let used = store.clone();
-    let closure = match substituter::local_closure(&store, &roots).map_err(PullError::Substitute)? {
+    let closure = match substituter::local_closure(&store, &roots)
+        .map_err(|e| PullError::Substitute(Box::new(e)))?
+    {
         Some(c) => c,
         None => {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -68,6 +68,5 @@ pub fn run(globals: &Globals) -> Result<(), StoreLsError> {
         pinned,
         pins.len()
     ))?;
-    drop(w);
     out.flush().map_err(StoreLsError::Stdout)
 }
