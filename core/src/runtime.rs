@@ -23,10 +23,11 @@ use crate::environment::{resolve, Reference, ReferenceError, ResolveError, Resol
 use crate::fetch::http::HttpFetcher;
 use crate::fetch::netrc::NetrcError;
 use crate::fetch::Fetch;
+use crate::gc::GcLock;
 use crate::nix::StorePath;
 use crate::pin::{self, Pin, PinError};
 use crate::spec::{self, BundleConfig, BundleError};
-use crate::store::Closure;
+use crate::store::{Closure, StoreError};
 use crate::substituter::{self, NoProgress, SubstituteError};
 
 pub use crate::pin::{Owner, OwnerKind};
@@ -103,6 +104,16 @@ pub enum RuntimeError {
         #[source]
         source: NetrcError,
     },
+    /// The store-wide gc lock could not be taken.
+    #[error("{reference}: {source}")]
+    Store {
+        reference: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A closure path is a symlink: a bind mount would resolve it on the host.
+    #[error("{reference}: {path}: store path is a symlink, which cannot be bind-mounted into a container")]
+    SymlinkPath { reference: String, path: String },
 }
 
 fn reference_prefix(r: &Option<String>) -> String {
@@ -231,6 +242,15 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
                 reference: annotated.to_owned(),
                 source: Box::new(source),
             })?;
+    // Held shared from the first pin until the closure is pinned: a gc that decides
+    // meanwhile waits, so it never takes a just-installed closure whose pin still names only
+    // the roots for a stale one.
+    let _gc = GcLock::shared_async(&cfg.state_dir)
+        .await
+        .map_err(|source| RuntimeError::Store {
+            reference: annotated.to_owned(),
+            source: Box::new(source),
+        })?;
     let mut record = Pin::new(
         container_id,
         annotated,
@@ -253,6 +273,16 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
             reference: annotated.to_owned(),
             source: Box::new(source),
         })?;
+    // A root that is a symlink would be resolved on the host by runc's bind mount.
+    let store_dir = cfg.store_dir();
+    if let Some(link) = closure.paths.iter().find(|p| {
+        std::fs::symlink_metadata(store_dir.join(p.base_name())).is_ok_and(|m| m.is_symlink())
+    }) {
+        return Err(RuntimeError::SymlinkPath {
+            reference: annotated.to_owned(),
+            path: link.to_absolute_path(),
+        });
+    }
     record.closure = closure.paths;
     pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
     tracing::info!(
@@ -695,6 +725,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_path_that_is_a_symlink_is_refused() {
+        let f = fixture();
+        let a: StorePath = A.parse().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(f.cfg.store_dir()).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), f.cfg.store_dir().join(a.base_name()))
+            .unwrap();
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let before = s.clone();
+        let e = prepare(&f, "c2", &mut s).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("acme/app: {A}: store path is a symlink, which cannot be bind-mounted into a container")
+        );
+        assert_eq!(s, before);
+        assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_cancelled_prepare_leaves_no_pin() {
         let f = fixture();
         f.store.hang.store(true, Ordering::SeqCst);
@@ -703,8 +752,15 @@ mod tests {
         {
             let fut = prepare(&f, "c9", &mut s);
             tokio::pin!(fut);
-            // Runs until the materialiser blocks, with the roots pinned meanwhile.
-            assert!(futures::poll!(fut.as_mut()).is_pending());
+            // Runs until the materialiser blocks, with the roots pinned meanwhile (the gc
+            // lock is taken on a blocking thread first, so poll until the pin appears).
+            for _ in 0..500 {
+                assert!(futures::poll!(fut.as_mut()).is_pending());
+                if pins.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             assert!(pins.exists());
         }
         assert!(!pins.exists());

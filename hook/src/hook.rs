@@ -92,12 +92,15 @@ pub fn rootfs_key(root_path: &Path) -> String {
 /// `precreate`: `input` is the spec; returns the bytes to write on stdout.
 pub fn precreate<P: Prepare>(core: &mut P, input: Vec<u8>) -> Result<Vec<u8>, HookError> {
     let mut spec: Spec = serde_json::from_slice(&input).map_err(HookError::Spec)?;
-    let key = match spec.root() {
-        Some(root) => rootfs_key(root.path()),
+    let (key, rootfs) = match spec.root() {
+        Some(root) => (rootfs_key(root.path()), root.path().clone()),
         None => return Ok(input), // nothing to mount into; not ours to fail
     };
+    // The hook is not told the container id; the rootfs stands in for the bundle in the pin,
+    // so gc can tell the pin is stale once the container's rootfs is gone (poststop missed).
+    let owner_dir = rootfs.is_absolute().then_some(rootfs.as_path());
     match core
-        .prepare_spec(&key, &mut spec, None)
+        .prepare_spec(&key, &mut spec, owner_dir)
         .map_err(|e| HookError::Core(e.to_string()))?
     {
         Decision::PassThrough => Ok(input),

@@ -311,24 +311,43 @@ fn existing_generations(gen_dir: &Path) -> Result<Vec<u64>, PublishError> {
     Ok(out)
 }
 
+/// The lock `current.json` holds, if it exists and parses.
+fn current_lock(env_dir: &Path) -> Option<Lock> {
+    let bytes = fs::read(env_dir.join("current.json")).ok()?;
+    Lock::parse(&bytes).ok()
+}
+
 /// The generation `current.json` names, if it exists and parses.
 fn current_generation(env_dir: &Path) -> Option<u64> {
-    let bytes = fs::read(env_dir.join("current.json")).ok()?;
-    Lock::parse(&bytes).ok().map(|l| l.generation)
+    current_lock(env_dir).map(|l| l.generation)
 }
 
 /// Writes the next generation of `name` with `systems` into the catalog directory `dir`, then
 /// moves `current.json` to it (if it is the newest).
+///
+/// Systems the current lock has and `systems` does not are carried over, so publishing one
+/// system never takes the others away from `current`. The next number is above both every
+/// generation file and what `current.json` names (a catalog mirrored or pruned down to its
+/// current lock never reuses a number nodes may have cached).
 pub fn write_generation(
     dir: &Path,
     name: &EnvName,
-    systems: BTreeMap<String, SystemLock>,
+    mut systems: BTreeMap<String, SystemLock>,
 ) -> Result<Published, PublishError> {
     let env_dir = dir.join(name.org()).join(name.app());
     let gen_dir = env_dir.join("generations");
     fs::create_dir_all(&gen_dir).map_err(io_err(&gen_dir))?;
     let _lock = lock_dir(&env_dir)?;
-    let mut generation = existing_generations(&gen_dir)?.last().copied().unwrap_or(0) + 1;
+    let current = current_lock(&env_dir);
+    if let Some(current) = &current {
+        for (system, lock) in &current.systems {
+            systems
+                .entry(system.clone())
+                .or_insert_with(|| lock.clone());
+        }
+    }
+    let newest_file = existing_generations(&gen_dir)?.last().copied().unwrap_or(0);
+    let mut generation = newest_file.max(current.map_or(0, |c| c.generation)) + 1;
     let (bytes, path) = loop {
         let lock = Lock::new(name.clone(), generation, systems.clone());
         lock.validate()
@@ -477,24 +496,43 @@ mod tests {
             fs::read(env_dir.join("current.json")).unwrap(),
             fs::read(env_dir.join("generations/2.json")).unwrap()
         );
-        // A generation someone else wrote (say 5, with current at 7) is never replaced, and
-        // current never goes back.
+        // A generation someone else wrote (say 5) is never replaced, and a number current
+        // names (7, its file pruned) is never reused: the next one is 8, and current moves.
         fs::write(env_dir.join("generations/5.json"), b"taken").unwrap();
         let mut seven = cur.clone();
         seven.generation = 7;
         fs::write(env_dir.join("current.json"), seven.to_json_pretty()).unwrap();
-        let p6 = write_generation(d.path(), &name, systems(&[B], &[])).unwrap();
-        assert_eq!((p6.generation, p6.current), (6, false));
+        let p8 = write_generation(d.path(), &name, systems(&[B], &[])).unwrap();
+        assert_eq!((p8.generation, p8.current), (8, true));
         assert_eq!(
             fs::read(env_dir.join("generations/5.json")).unwrap(),
             b"taken"
         );
-        assert_eq!(current_generation(&env_dir), Some(7));
+        assert_eq!(current_generation(&env_dir), Some(8));
         let names: Vec<String> = fs::read_dir(env_dir.join("generations"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 4, "no temporaries left: {names:?}");
+    }
+
+    #[test]
+    fn publishing_one_system_keeps_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let name: EnvName = "acme/app".parse().unwrap();
+        write_generation(d.path(), &name, systems(&[A], &[])).unwrap();
+        let mut arm = systems(&[B], &[]);
+        let lock = arm.remove("x86_64-linux").unwrap();
+        arm.insert("aarch64-linux".into(), lock);
+        let p = write_generation(d.path(), &name, arm).unwrap();
+        assert_eq!((p.generation, p.current), (2, true));
+        let cur = current_lock(&d.path().join("acme/app")).unwrap();
+        assert_eq!(
+            cur.systems.keys().collect::<Vec<_>>(),
+            ["aarch64-linux", "x86_64-linux"]
+        );
+        assert_eq!(cur.systems["x86_64-linux"].paths, [A.parse().unwrap()]);
+        assert_eq!(cur.systems["aarch64-linux"].paths, [B.parse().unwrap()]);
     }
 
     #[test]

@@ -155,6 +155,18 @@ pub fn collect_garbage<P: ContainerProbe>(
         }
     }
     let (entries, invalid) = inventory::entries(store)?;
+    // A path without a valid record (lost after a power failure, say) that a live pin names
+    // may be mounted in a running container: leave it, and say so.
+    let invalid: Vec<StorePath> = invalid
+        .into_iter()
+        .filter(|p| {
+            let pinned = live_roots.contains(p);
+            if pinned {
+                tracing::warn!(path = %p, "store path without a valid record is pinned: kept");
+            }
+            !pinned
+        })
+        .collect();
     let plan = collect::plan(
         &entries,
         &live_roots,

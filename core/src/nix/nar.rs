@@ -94,19 +94,33 @@ impl fmt::Display for NarPath {
             return f.write_str("/");
         }
         for c in &self.0 {
-            write!(f, "/{}", String::from_utf8_lossy(c))?;
+            write!(f, "/{}", printable(&String::from_utf8_lossy(c)))?;
         }
         Ok(())
     }
 }
 
+/// `s` with control characters escaped (`\n`, `\u{1b}`), so that a hostile entry name
+/// cannot split an error message over several lines.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn show(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
+    let s = printable(&String::from_utf8_lossy(bytes));
     if s.chars().count() > 64 {
         let cut: String = s.chars().take(64).collect();
         format!("{cut}…")
     } else {
-        s.into_owned()
+        s
     }
 }
 

@@ -485,6 +485,15 @@ impl<F: Fetch> Substituter<F> {
                 cache: Box::new(cache.clone()),
                 message: format!("bad NAR URL {:?}: {e}", info.url),
             })?;
+        // The narinfo's URL is not signed: it must stay within the cache that served it
+        // (no other scheme, host or file outside the cache).
+        if !within(&cache, &url) {
+            return Err(SubstituteError::BadCache {
+                path: path.clone(),
+                cache: Box::new(cache.clone()),
+                message: format!("NAR URL {:?} points outside the cache", info.url),
+            });
+        }
         let info = Arc::new(info);
         progress.download_started(&path, &url, info.file_size, info.nar_size);
         let span = tracing::info_span!("nar", %path, %url);
@@ -635,5 +644,36 @@ fn fetch_failure(path: &StorePath, url: &Url, source: FetchError) -> SubstituteE
             path: path.clone(),
             source: Box::new(source),
         },
+    }
+}
+
+/// Whether `url` lies under `cache` (same scheme, host and port; path below the cache's).
+fn within(cache: &Url, url: &Url) -> bool {
+    let base = cache.path();
+    let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
+    url.scheme() == cache.scheme()
+        && url.host_str() == cache.host_str()
+        && url.port_or_known_default() == cache.port_or_known_default()
+        && url.path().starts_with(dir)
+}
+
+#[cfg(test)]
+mod within_tests {
+    use super::within;
+    use url::Url;
+
+    #[test]
+    fn nar_urls_must_stay_in_their_cache() {
+        let cache = Url::parse("http://127.0.0.1:8080/cache/").unwrap();
+        let ok = |rel: &str| within(&cache, &cache.join(rel).unwrap());
+        assert!(ok("nar/abc.nar.xz"));
+        assert!(!ok("../etc/passwd"));
+        assert!(!ok("/nar/abc.nar"));
+        assert!(!ok("file:///dev/zero"));
+        assert!(!ok("http://169.254.169.254/latest"));
+        assert!(!ok("http://127.0.0.1:9999/cache/nar/x"));
+        let file = Url::parse("file:///srv/cache/").unwrap();
+        assert!(within(&file, &file.join("nar/x.nar").unwrap()));
+        assert!(!within(&file, &file.join("../../etc/shadow").unwrap()));
     }
 }
