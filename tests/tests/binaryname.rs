@@ -1,0 +1,329 @@
+//! The containerd alternative to our shim: containerd's stock runc shim
+//! (`io.containerd.runc.v2`) with `BinaryName` set to `nixenv-runc`, as
+//! `runtimeclass/containerd-runc-binaryname.toml` ships it. A real containerd 1.6 (private
+//! socket and state) driven over CRI as the kubelet would, real runc behind the wrapper, real
+//! fixture closures served over HTTP on 127.0.0.1. Needs root.
+//!
+//! `NIXENV_CONFIG` is only in containerd's environment: the runc shim inherits it and hands it
+//! to the binary it runs, so the pin showing up in this node's private state dir is what proves
+//! the config reached nixenv-runc.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
+use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
+use nixenv_testkit::fixtures::{echo, store_path_base};
+use nixenv_testkit::{images, Cache, CacheServer, Fixtures, TestNode};
+
+/// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it). Built
+/// once per test process unless `$NIXENV_TEST_BIN_DIR` names installed binaries: the
+/// testkit's `bin_path` builds only from its own package's point of view.
+fn hook_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let dir = nixenv_testkit::node::bin_dir();
+    if std::env::var_os("NIXENV_TEST_BIN_DIR").is_none_or(|d| d.is_empty()) {
+        BUILT.call_once(|| {
+            let profile = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("debug")
+                .to_owned();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "nixenv-hook",
+                    "--bins",
+                    "--target-dir",
+                ])
+                .arg(dir.parent().expect("target dir"));
+            match profile.as_str() {
+                "debug" => {}
+                "release" => {
+                    cmd.arg("--release");
+                }
+                other => {
+                    cmd.args(["--profile", other]);
+                }
+            }
+            let out = cmd.output().expect("run cargo build -p nixenv-hook");
+            assert!(
+                out.status.success(),
+                "cargo build -p nixenv-hook --bins failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+    }
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} does not exist", path.display());
+    path
+}
+
+/// The real runc, as `command -v runc` finds it (Debian: `/usr/sbin/runc`).
+fn real_runc() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join("runc"))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .expect("runc is installed")
+}
+
+struct Env {
+    _caches: CacheServer,
+    _catalog: CacheServer,
+    node: TestNode,
+    containerd: Containerd,
+}
+
+/// Fixture caches and catalog over HTTP, a private node whose config names the real runc, and
+/// containerd with the `nixenv` handler = the runc shim running nixenv-runc.
+fn env() -> Env {
+    let fx = Fixtures::get();
+    let caches = CacheServer::serve(fx.cache(Cache::Xz));
+    let catalog = CacheServer::serve(&fx.catalog);
+    let node = TestNode::new()
+        .substituter(&caches.url())
+        .trusting(&fx.trusted_key.public)
+        .with_catalog(&catalog.url())
+        .with_config_line(&format!("runc = {:?}", real_runc().display().to_string()));
+    let nixenv_runc = hook_bin("nixenv-runc");
+    hook_bin("nixenv-hook");
+    let handler = RuntimeHandler::new("nixenv", "io.containerd.runc.v2")
+        .pod_annotation("nix.dev/*")
+        .option(
+            "BinaryName",
+            &format!("{:?}", nixenv_runc.display().to_string()),
+        );
+    let containerd = Containerd::builder()
+        .handler(RuntimeHandler::runc())
+        .handler(handler)
+        .default_handler("runc")
+        .env("NIXENV_CONFIG", node.write_config())
+        .start()
+        .expect("start containerd");
+    containerd
+        .import(&images::empty_image())
+        .expect("import empty");
+    Env {
+        _caches: caches,
+        _catalog: catalog,
+        node,
+        containerd,
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The names in `{state-dir}/pins` (temp files skipped).
+fn pins(node: &TestNode) -> Vec<String> {
+    nixenv_testkit::node::list_dir(&node.state_dir().join("pins"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+        .collect()
+}
+
+/// The command lines of this containerd's shims.
+fn shim_cmdlines(c: &Containerd) -> Vec<String> {
+    c.shim_pids()
+        .into_iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .collect()
+}
+
+/// After every pod is gone: no shim, runc container or mount of this containerd is left.
+async fn assert_clean(c: &Containerd) {
+    wait_for("shims to exit", Duration::from_secs(10), || {
+        c.shim_pids().is_empty()
+    })
+    .await;
+    let root = Path::new("/run/containerd/runc/k8s.io");
+    assert!(
+        c.runc_containers(root).is_empty(),
+        "runc containers left: {:?}",
+        c.runc_containers(root)
+    );
+    let mounts: Vec<PathBuf> = c
+        .mounts()
+        .into_iter()
+        .filter(|m| !m.starts_with(c.dir().join("root")))
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runc_shim_with_binaryname_runs_the_mission_pod() {
+    let fx = Fixtures::get();
+    let e = env();
+    let c = &e.containerd;
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = PodSpec::new("echoserver")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod_id = match cri.run_pod(&pod).await {
+        Ok(id) => id,
+        Err(err) => panic!("run pod: {}\n{}", err.message(), c.log()),
+    };
+    // The pod runs on containerd's own runc shim, not ours.
+    let shims = shim_cmdlines(c);
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    assert!(
+        shims[0].contains("containerd-shim-runc-v2"),
+        "the stock runc shim: {shims:?}"
+    );
+
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let id = match cri.create_container(&pod_id, &pod, &spec).await {
+        Ok(id) => id,
+        Err(err) => panic!("create: {}\n{}", err.message(), c.log()),
+    };
+    if let Err(err) = cri.start_container(&id).await {
+        panic!("start: {}\n{}", err.message(), c.log());
+    }
+
+    let reply = tokio::task::spawn_blocking(move || {
+        echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|err| panic!("echoserver answers: {err:#}\n{}", c.log()));
+    assert_eq!(
+        reply.message.as_deref(),
+        Some("hello from nix"),
+        "the lock's ECHO_MESSAGE: {reply:?}"
+    );
+    assert_eq!(
+        reply.env.get("NIXENV_ENVIRONMENT").map(String::as_str),
+        Some("acme/echoserver")
+    );
+    let path = reply.path.clone().unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:", fx.echoserver)),
+        "PATH {path}"
+    );
+    let mut want: Vec<String> = fx
+        .echoserver_closure()
+        .iter()
+        .map(|p| store_path_base(p).to_owned())
+        .collect();
+    want.sort();
+    assert_eq!(
+        reply.store.as_ref(),
+        Some(&want),
+        "only the closure under /nix/store"
+    );
+    let pin = e.node.state_dir().join("pins").join(format!("{id}.json"));
+    assert!(
+        pin.is_file(),
+        "the running container is pinned at {}: {:?}",
+        pin.display(),
+        pins(&e.node)
+    );
+    assert_eq!(pins(&e.node), vec![format!("{id}.json")], "only it");
+
+    // `runc exec` passes straight through the wrapper; the store is read-only. (containerd
+    // builds an exec's process from the spec it generated, not from the rewritten config.json:
+    // an exec gets neither the lock's PATH nor its env, hence the absolute path.)
+    let touch = format!("{}/bin/touch", fx.busybox);
+    let r = cri
+        .exec_sync(&id, &[&touch, &format!("{}/owned", fx.echoserver)], 10)
+        .await
+        .expect("exec");
+    assert_ne!(r.exit_code, 0, "wrote into the store");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("Read-only"),
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+
+    cri.stop_container(&id, 10).await.expect("stop");
+    let st = cri.wait_exited(&id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(st.exit_code, 0, "echoserver exits 0 on SIGTERM");
+    // containerd's CRI deletes the task as soon as the container exits (runc delete, so the
+    // pin may already be gone here); after RemoveContainer it must be.
+    cri.remove_container(&id).await.expect("remove");
+    assert!(
+        !pin.exists(),
+        "runc delete through nixenv-runc unpins: {:?}",
+        pins(&e.node)
+    );
+    assert!(pins(&e.node).is_empty(), "{:?}", pins(&e.node));
+    // The store keeps the closure for the next container.
+    for p in fx.echoserver_closure() {
+        assert!(e.node.store_dir().join(store_path_base(p)).is_dir(), "{p}");
+    }
+    cri.delete_pod(&pod_id).await.expect("delete pod");
+    assert_clean(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runc_shim_with_binaryname_reports_a_bad_reference_in_one_line() {
+    let e = env();
+    let c = &e.containerd;
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let reference = "acme/echoserver@9";
+    let pod = PodSpec::new("bad")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", reference);
+    let pod_id = match cri.run_pod(&pod).await {
+        Ok(id) => id,
+        Err(err) => panic!("the sandbox itself runs: {}\n{}", err.message(), c.log()),
+    };
+    let spec = ContainerSpec::new("c", "empty:latest").command(&["echoserver"]);
+    // containerd's CRI creates the task (runc create) in StartContainer.
+    let id = cri
+        .create_container(&pod_id, &pod, &spec)
+        .await
+        .expect("create");
+    let err = cri.start_container(&id).await.expect_err("start must fail");
+    let msg = err.message();
+    let line = msg
+        .split_once("nixenv: ")
+        .map(|(_, l)| l)
+        .unwrap_or_else(|| panic!("nixenv's error in the CRI error: {msg}"));
+    assert!(
+        line.starts_with(reference) && line.contains("generation 9"),
+        "names the reference and the cause: {msg}"
+    );
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    let st = cri.container_status(&id).await.unwrap();
+    assert!(
+        st.message.contains(&format!("nixenv: {reference}")),
+        "status message: {}",
+        st.message
+    );
+    assert!(pins(&e.node).is_empty(), "no pin: {:?}", pins(&e.node));
+    cri.remove_container(&id).await.expect("remove");
+    cri.delete_pod(&pod_id).await.expect("delete pod");
+    assert!(pins(&e.node).is_empty(), "no pin: {:?}", pins(&e.node));
+    assert_clean(c).await;
+}
