@@ -18,51 +18,10 @@ use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
 use nixenv_testkit::{images, Cache, CacheServer, Fixtures, TestNode};
 
-/// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it). Built
-/// once per test process unless `$NIXENV_TEST_BIN_DIR` names installed binaries: the
-/// testkit's `bin_path` builds only from its own package's point of view.
+/// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it).
 fn hook_bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let dir = nixenv_testkit::node::bin_dir();
-    if std::env::var_os("NIXENV_TEST_BIN_DIR").is_none_or(|d| d.is_empty()) {
-        BUILT.call_once(|| {
-            let profile = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("debug")
-                .to_owned();
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = std::process::Command::new(cargo);
-            cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "nixenv-hook",
-                    "--bins",
-                    "--target-dir",
-                ])
-                .arg(dir.parent().expect("target dir"));
-            match profile.as_str() {
-                "debug" => {}
-                "release" => {
-                    cmd.arg("--release");
-                }
-                other => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            let out = cmd.output().expect("run cargo build -p nixenv-hook");
-            assert!(
-                out.status.success(),
-                "cargo build -p nixenv-hook --bins failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        });
-    }
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} does not exist", path.display());
-    path
+    nixenv_testkit::bin_path("nixenv-hook");
+    nixenv_testkit::bin_path(name)
 }
 
 /// The real runc, as `command -v runc` finds it (Debian: `/usr/sbin/runc`).

@@ -12,42 +12,11 @@ use nixenv_testkit::{Cache, CacheServer, Fixtures, TestNode};
 
 const REAL_RUNC: &str = "/usr/sbin/runc";
 
-/// A binary of the `nixenv-hook` package, built once per test process (the testkit's
-/// `bin_path` builds from the testkit's own package, which does not hold these binaries).
+/// A binary of the `nixenv-hook` package; `nixenv-runc` hands create/run/delete to
+/// `nixenv-hook` beside it, so both are made current.
 fn bin_path(name: &str) -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let dir = nixenv_testkit::node::bin_dir();
-    if std::env::var_os("NIXENV_TEST_BIN_DIR").is_none() {
-        BUILT.call_once(|| {
-            let profile = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("debug")
-                .to_owned();
-            let mut cmd =
-                std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-            cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "nixenv-hook",
-                    "--bins",
-                    "--target-dir",
-                ])
-                .arg(dir.parent().unwrap());
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().expect("run cargo build");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        });
-    }
-    dir.join(name)
+    nixenv_testkit::bin_path("nixenv-hook");
+    nixenv_testkit::bin_path(name)
 }
 
 fn script(path: &Path, body: &str) -> PathBuf {
