@@ -1,10 +1,11 @@
 //! `nixenv-runc`: prepare the bundle on `create`/`run`, release the pin after `delete`, and
 //! otherwise hand over to the real runc at once, with the same arguments.
 //!
-//! Two stages keep the pass-through path cheap: the `nixenv-runc` binary is small (argv
-//! parsing and exec, no async runtime, HTTP or config code) and execs runc at once for every
-//! subcommand but `create`, `run` and `delete` ([`dispatch`]); those it hands, argv unchanged,
-//! to `nixenv-hook runc …` next to it, which links the core and runs [`run`].
+//! Two stages keep the pass-through path cheap: the `nixenv-runc` binary (`hook/runc/`, a
+//! static `no_std` program of a few kilobytes) execs runc at once for every subcommand but
+//! `create`, `run` and `delete`; those, and anything it cannot decide or run, it hands with
+//! argv unchanged to `nixenv-hook runc …` next to it, which links the core and runs [`run`]
+//! (which also passes through what turns out not to need it).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -39,48 +40,8 @@ pub trait Locate {
     fn locate(&self) -> Result<PathBuf, ExecError>;
 }
 
-/// The `nixenv-hook` stage that runs [`run`].
+/// The `nixenv-hook` stage that runs [`run`] (nixenv-runc's second stage).
 pub const FULL_STAGE: &str = "runc";
-
-/// The first stage, in the `nixenv-runc` binary: execs runc for pass-through subcommands, and
-/// `full` (`nixenv-hook`) with [`FULL_STAGE`] and the same arguments otherwise. Returns the
-/// exit code when it cannot exec.
-pub fn dispatch<P: Process, L: Locate>(
-    args: &[OsString],
-    process: &P,
-    locate: &L,
-    full: impl FnOnce() -> Result<PathBuf, ExecError>,
-) -> i32 {
-    let inv = args::parse(args);
-    let target = match inv.action {
-        Action::PassThrough => locate.locate().map(|runc| (runc, args.to_vec())),
-        Action::Prepare { .. } | Action::Delete { .. } => full().map(|hook| {
-            let mut argv = Vec::with_capacity(args.len() + 1);
-            argv.push(OsString::from(FULL_STAGE));
-            argv.extend(args.iter().cloned());
-            (hook, argv)
-        }),
-    };
-    let err = match target {
-        Ok((program, argv)) => process.exec(&program, &argv),
-        Err(e) => e,
-    };
-    runc_log::report_error(
-        inv.global.log.as_deref(),
-        inv.global.log_format,
-        &format!("nixenv: {err}"),
-    );
-    1
-}
-
-/// `nixenv-hook` next to the running executable.
-pub fn sibling_hook() -> Result<PathBuf, ExecError> {
-    let exe = std::env::current_exe().map_err(|source| ExecError::Exec {
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
-    Ok(exe.with_file_name("nixenv-hook"))
-}
 
 /// Runs nixenv-runc with `args` (argv without argv[0]); returns the exit code when it does not
 /// exec.
@@ -225,39 +186,6 @@ mod tests {
 
     fn argv(line: &str) -> Vec<OsString> {
         line.split_whitespace().map(OsString::from).collect()
-    }
-
-    #[test]
-    fn dispatch_execs_runc_or_hands_over_to_the_full_stage() {
-        let full = || Ok(PathBuf::from("/usr/bin/nixenv-hook"));
-        for line in [
-            "state c1",
-            "--root /r kill c1 9",
-            "--version",
-            "features",
-            "exec c1 ls",
-        ] {
-            let p = FakeProcess::default();
-            dispatch(&argv(line), &p, &FixedRunc, full);
-            assert_eq!(
-                p.calls.borrow().as_slice(),
-                [format!("exec /usr/sbin/runc {:?}", argv(line))]
-            );
-        }
-        for line in [
-            "create --bundle /b c1",
-            "run c1",
-            "--root /r delete --force c1",
-        ] {
-            let p = FakeProcess::default();
-            dispatch(&argv(line), &p, &FixedRunc, full);
-            let mut want = vec![OsString::from("runc")];
-            want.extend(argv(line));
-            assert_eq!(
-                p.calls.borrow().as_slice(),
-                [format!("exec /usr/bin/nixenv-hook {want:?}")]
-            );
-        }
     }
 
     #[test]

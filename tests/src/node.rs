@@ -43,7 +43,8 @@ static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 ///
 /// Unless `$NIXENV_TEST_BIN_DIR` is set, the first call per binary checks that it is newer
 /// than every Rust source and manifest of the workspace; if it is missing or older, it runs
-/// `cargo build --workspace --bin NAME` into the same target directory and profile as the
+/// `cargo build --workspace --bin NAME` (for `nixenv-runc`: `cargo build --manifest-path
+/// hook/runc/Cargo.toml`) into the same target directory and profile as the
 /// running test, so `cargo test -p nixenv-testkit` never runs a stale binary. Under the CI's
 /// `cargo build --workspace --all-targets` + `cargo test --workspace` nothing is rebuilt.
 /// Panics if the binary cannot be built.
@@ -103,6 +104,9 @@ fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
     newest
 }
 
+/// nixenv-runc's first stage, built from `hook/runc/`, not from the main workspace.
+const FIRST_STAGE: &str = "nixenv-runc";
+
 fn build_bin(profile_dir: &Path, name: &str) {
     let Some(target_dir) = profile_dir.parent() else {
         return;
@@ -114,15 +118,16 @@ fn build_bin(profile_dir: &Path, name: &str) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--quiet",
-            "--workspace",
-            "--bin",
-            name,
-            "--target-dir",
-        ])
+        .args(["build", "--quiet", "--bin", name, "--target-dir"])
         .arg(target_dir);
+    if name == FIRST_STAGE {
+        // A workspace of its own (a `no_std` binary needs `panic = "abort"`).
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        cmd.arg("--manifest-path")
+            .arg(workspace.join("hook/runc/Cargo.toml"));
+    } else {
+        cmd.arg("--workspace");
+    }
     match profile {
         "debug" => {}
         "release" => {
