@@ -178,7 +178,7 @@ pub fn pin(state_dir: &Path, pin: &Pin) -> Result<(), PinError> {
     std::fs::create_dir_all(pins_dir(state_dir)).map_err(write_err)?;
     let mut bytes = serde_json::to_vec_pretty(pin).expect("a pin serialises");
     bytes.push(b'\n');
-    atomic::write_atomic(&path, &bytes, 0o644).map_err(write_err)?;
+    atomic::write_replace(&path, &bytes, 0o644).map_err(write_err)?;
     tracing::debug!(container = %pin.container_id, reference = %pin.reference, paths = pin.closure.len(), "pinned");
     Ok(())
 }

@@ -220,7 +220,7 @@ impl Ready<'_> {
     }
 }
 
-/// Resolve, pin the roots, materialise, pin the closure; unpins on failure.
+/// Resolve, materialise (under the shared gc lock), pin the closure; unpins on failure.
 async fn make_ready<'a, F: Fetch, M: Materialise>(
     cfg: &'a Config,
     fetch: &F,
@@ -242,30 +242,16 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
                 reference: annotated.to_owned(),
                 source: Box::new(source),
             })?;
-    // Held shared from the first pin until the closure is pinned: a gc that decides
-    // meanwhile waits, so it never takes a just-installed closure whose pin still names only
-    // the roots for a stale one.
+    // Held shared until the closure is pinned: a gc that decides meanwhile waits, so the
+    // paths being materialised, installed and not yet pinned, are never collected. That makes
+    // a pin of the roots before materialising unnecessary: the container's pin is written
+    // once, with the whole closure (one write, one fsync, on every container start).
     let _gc = GcLock::shared_async(&cfg.state_dir)
         .await
         .map_err(|source| RuntimeError::Store {
             reference: annotated.to_owned(),
             source: Box::new(source),
         })?;
-    let mut record = Pin::new(
-        container_id,
-        annotated,
-        resolved.generation,
-        resolved.paths.clone(),
-        owner.clone(),
-    );
-    pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
-    // From here on the pin is removed on failure, and also if this future is dropped
-    // (a cancelled CreateContainer): nothing is left half-done.
-    let guard = PinGuard {
-        cfg,
-        container_id,
-        armed: true,
-    };
     let closure = materialiser
         .materialise(&resolved.paths)
         .await
@@ -283,8 +269,22 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
             path: link.to_absolute_path(),
         });
     }
+    let mut record = Pin::new(
+        container_id,
+        annotated,
+        resolved.generation,
+        resolved.paths.clone(),
+        owner.clone(),
+    );
     record.closure = closure.paths;
     pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
+    // From here on the pin is removed on failure, and also if this future is dropped
+    // (a cancelled CreateContainer): nothing is left half-done.
+    let guard = PinGuard {
+        cfg,
+        container_id,
+        armed: true,
+    };
     tracing::info!(
         container = %container_id,
         reference = %annotated,
@@ -510,10 +510,12 @@ mod tests {
         store_dir: std::path::PathBuf,
         fail: AtomicBool,
         hang: AtomicBool,
+        entered: AtomicBool,
     }
 
     impl Materialise for FakeStore {
         async fn materialise(&self, roots: &[StorePath]) -> Result<Closure, SubstituteError> {
+            self.entered.store(true, Ordering::SeqCst);
             if self.hang.load(Ordering::SeqCst) {
                 futures::future::pending::<()>().await;
             }
@@ -561,6 +563,7 @@ mod tests {
             store_dir: cfg.store_dir(),
             fail: AtomicBool::new(false),
             hang: AtomicBool::new(false),
+            entered: AtomicBool::new(false),
         };
         Fixture {
             _dir: dir,
@@ -752,18 +755,32 @@ mod tests {
         {
             let fut = prepare(&f, "c9", &mut s);
             tokio::pin!(fut);
-            // Runs until the materialiser blocks, with the roots pinned meanwhile (the gc
-            // lock is taken on a blocking thread first, so poll until the pin appears).
+            // Runs until the materialiser blocks (the gc lock is taken on a blocking thread
+            // first, so poll until it is entered). Meanwhile the shared gc lock, not a pin,
+            // keeps gc away.
             for _ in 0..500 {
                 assert!(futures::poll!(fut.as_mut()).is_pending());
-                if pins.exists() {
+                if f.store.entered.load(Ordering::SeqCst) {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            assert!(pins.exists());
+            assert!(f.store.entered.load(Ordering::SeqCst));
+            assert!(!pins.exists());
+            assert!(
+                crate::gc::GcLock::try_exclusive(&f.cfg.state_dir)
+                    .unwrap()
+                    .is_none(),
+                "gc waits while a closure is materialised"
+            );
         }
         assert!(!pins.exists());
+        assert!(
+            crate::gc::GcLock::try_exclusive(&f.cfg.state_dir)
+                .unwrap()
+                .is_some(),
+            "a cancelled preparation lets gc run"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! Files others read (locks, cached locks, pins, config.json) are replaced atomically:
-//! a temporary file in the same directory, fsync, rename, fsync of the directory.
+//! a temporary file in the same directory, fsync, rename, and (for files that must survive a
+//! crash) fsync of the directory; see [`write_replace`] for those that need not.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -60,6 +61,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         return Err(e);
     }
     sync_dir(parent_of(path))
+}
+
+/// Replaces `path` with `bytes` atomically (mode `mode`), without fsyncing the directory:
+/// for files that matter only while the machine is up (pins, which protect running
+/// containers; a bundle's `config.json`, which runc reads at create). Readers always see the
+/// old or the new content, complete; after a crash the rename may be lost, which no
+/// container can notice, since none survives one. Saves one fsync (~3.5 ms on a VM disk) per
+/// write on every container start.
+pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(path, bytes, mode)?;
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// Creates `path` with `bytes` only if it does not exist, atomically (complete or absent):

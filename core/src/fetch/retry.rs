@@ -57,6 +57,7 @@ impl RetryPolicy {
     ) -> Result<T, E>
     where
         Fut: Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
     {
         let mut attempt = 1;
         loop {
@@ -64,7 +65,8 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < self.attempts && retryable(&e) => {
                     let delay = self.delay(attempt);
-                    tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, "retrying");
+                    // Worth an operator's attention: a cache or the network is flaky.
+                    tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }

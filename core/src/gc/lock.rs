@@ -86,6 +86,11 @@ impl GcLock {
         take(&gc_lock_path(state_dir), FlockArg::LockExclusive).map(|l| l.expect("blocking lock"))
     }
 
+    /// [`GcLock::exclusive`] without waiting: `None` while a pull or pin holds it shared.
+    pub fn try_exclusive(state_dir: &Path) -> Result<Option<GcLock>, StoreError> {
+        take(&gc_lock_path(state_dir), FlockArg::LockExclusiveNonblock)
+    }
+
     /// Takes `{state-dir}/gc-run.lock` exclusive: one gc run at a time. Blocking.
     pub fn run(state_dir: &Path) -> Result<GcLock, StoreError> {
         take(&run_lock_path(state_dir), FlockArg::LockExclusive).map(|l| l.expect("blocking lock"))

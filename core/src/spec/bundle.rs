@@ -128,7 +128,7 @@ impl BundleConfig {
     /// Replaces config.json with the original JSON carrying `spec`'s mounts and env.
     pub fn write_rewritten(&self, spec: &Spec) -> Result<(), BundleError> {
         let bytes = serde_json::to_vec(&self.merged(spec)).expect("JSON values serialise");
-        atomic::write_atomic(&self.path, &bytes, self.mode).map_err(|source| BundleError::Write {
+        atomic::write_replace(&self.path, &bytes, self.mode).map_err(|source| BundleError::Write {
             path: self.path.clone(),
             source,
         })
