@@ -73,6 +73,23 @@ pub struct Container {
     env_overlay: Mutex<EnvOverlay>,
 }
 
+/// Whether an OCI spec leaves the container without a PID namespace of its own: no `pid`
+/// namespace entry, or one that joins an existing namespace (`path`).
+fn spec_shares_pid_namespace(spec: &serde_json::Value) -> bool {
+    !spec
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .is_some_and(|list| {
+            list.iter().any(|ns| {
+                ns.get("type").and_then(|t| t.as_str()) == Some("pid")
+                    && ns
+                        .get("path")
+                        .and_then(|p| p.as_str())
+                        .is_none_or(str::is_empty)
+            })
+        })
+}
+
 /// What nixenv's rewrite changed in the init process's environment: containerd builds exec
 /// specs from its own copy of the container spec, so execs get the same changes (unless the
 /// exec sets a variable itself).
@@ -426,6 +443,48 @@ impl Container {
         Ok(())
     }
 
+    /// Whether the container has no PID namespace of its own (it shares the host's or another
+    /// container's): then its init's death does not end its other processes. An unreadable
+    /// spec counts as shared, the cautious answer.
+    pub fn shares_pid_namespace(&self) -> bool {
+        std::fs::read(self.bundle.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+            .is_none_or(|spec| spec_shares_pid_namespace(&spec))
+    }
+
+    /// After the init exited, in a container without a PID namespace of its own: SIGKILL
+    /// whatever is left of it (`runc kill --all`), so no orphan outlives the container or keeps
+    /// its stdio open (containerd waits for the stdio to close before it deletes the task).
+    pub async fn kill_leftovers(&self) {
+        if !self.shares_pid_namespace() {
+            return;
+        }
+        let opts = KillOpts::new().all(true);
+        if let Err(e) = self
+            .runc
+            .kill(&self.id, libc::SIGKILL as u32, Some(&opts))
+            .await
+        {
+            let message = runc_client::describe(&e, &self.bundle);
+            tracing::debug!(id = %self.id, %message, "kill leftovers after init exit");
+        }
+    }
+
+    /// Waits (at most `limit`) until no exec of the container runs, so the init's exit is the
+    /// container's last exit event.
+    pub async fn wait_execs(&self, limit: Duration) {
+        let running: Vec<Arc<Process>> = self
+            .exec_processes()
+            .into_iter()
+            .filter(|p| matches!(p.phase(), Phase::Running | Phase::Paused))
+            .collect();
+        let all = futures::future::join_all(running.iter().map(|p| p.wait()));
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(id = %self.id, "execs still running after the init exited");
+        }
+    }
+
     /// Removes an exec that is not running.
     pub fn remove_exec(&self, exec_id: &str) -> Result<Arc<Process>, ContainerError> {
         let p = self.process(exec_id)?;
@@ -517,6 +576,25 @@ pub fn now() -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_private_pid_namespace_ends_with_the_init() {
+        let spec = |ns: serde_json::Value| serde_json::json!({"linux": {"namespaces": ns}});
+        assert!(!spec_shares_pid_namespace(&spec(serde_json::json!([
+            {"type": "mount"}, {"type": "pid"}
+        ]))));
+        assert!(!spec_shares_pid_namespace(&spec(serde_json::json!([
+            {"type": "pid", "path": ""}
+        ]))));
+        // The host's PID namespace (no entry) and a pod's (joined by path) are shared.
+        assert!(spec_shares_pid_namespace(&spec(serde_json::json!([
+            {"type": "mount"}, {"type": "network"}
+        ]))));
+        assert!(spec_shares_pid_namespace(&spec(serde_json::json!([
+            {"type": "pid", "path": "/proc/42/ns/pid"}
+        ]))));
+        assert!(spec_shares_pid_namespace(&serde_json::json!({})));
+    }
 
     fn v(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()

@@ -22,8 +22,11 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let result = (|| -> anyhow::Result<()> {
         let flags = containerd_shim::parse(&args[1..])?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One thread for the ttrpc server, IO copies, the reaper and events: a shim lives as
+        // long as its pod, so its threads and their malloc arenas are per-pod memory.
+        // Blocking work (NAR decompression and unpacking, file copies) still gets tokio's
+        // blocking pool, whose threads exit after 10 s idle.
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         runtime.block_on(bootstrap::run(flags))?;

@@ -31,6 +31,9 @@ use crate::io::StdioPaths;
 use crate::process::{Exited, Phase, Process};
 use crate::reaper;
 
+/// How long an init's exit waits for the container's execs to exit first.
+const EXECS_AFTER_INIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
@@ -168,6 +171,15 @@ impl Service {
         };
         tokio::spawn(async move {
             let exit = reaper::wait(pid as i32).await;
+            if p.exec_id.is_empty() {
+                // As containerd expects of a runc shim: nothing of the container outlives its
+                // init, and the init's exit is the container's last exit event.
+                let container = inner.containers().get(&p.container_id).cloned();
+                if let Some(c) = container {
+                    c.kill_leftovers().await;
+                    c.wait_execs(EXECS_AFTER_INIT).await;
+                }
+            }
             if oom.is_some_and(|w| w.finish()) {
                 tracing::warn!(id = %p.container_id, "oom kill");
                 inner.events.oom(&p.container_id).await;
