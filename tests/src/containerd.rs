@@ -1,9 +1,16 @@
 //! A real containerd (Debian's 1.6: `/usr/bin/containerd`) on a private socket, root and state
 //! under a temp dir, with a generated config: the CRI plugin's `sandbox_image` set to the
 //! testkit's pause image, `restrict_oom_score_adj = true` (no CAP_SYS_RESOURCE here), no CNI
-//! (pods use the node's network), a configurable table of runtime handlers, and extra
-//! directories (e.g. the shim's) on its PATH. Shims inherit its environment
-//! (`NIXENV_CONFIG`, …).
+//! (pods use the node's network) unless [`ContainerdBuilder::cni`] names one, a configurable
+//! table of runtime handlers, and extra directories (e.g. the shim's) on its PATH. Shims
+//! inherit its environment (`NIXENV_CONFIG`, …).
+//!
+//! `NIXENV_TEST_CONTAINERD=/path/to/containerd` runs another containerd (default: `containerd`
+//! on PATH). Its major version (`containerd --version`) picks the config: version 2 for 1.6 and
+//! 1.7, version 3 (`io.containerd.cri.v1.runtime`, `io.containerd.cri.v1.images`, …) for 2.x.
+//! With the variable set, the binary's directory comes right after [`ContainerdBuilder::path_dir`]
+//! on containerd's PATH (so its own `containerd-shim-runc-v2` serves the `runc` handler), and
+//! the `ctr` beside it, if any, imports images.
 //!
 //! On drop — even when the test panics — it kills the shims it started, deletes the runc
 //! containers whose bundles live under its state dir, stops containerd, unmounts everything
@@ -29,6 +36,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::images::{self, ImageBuilder};
@@ -37,6 +45,79 @@ use crate::images::{self, ImageBuilder};
 pub const K8S_NAMESPACE: &str = "k8s.io";
 /// How long containerd may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The variable naming the containerd binary the tests run.
+pub const CONTAINERD_ENV: &str = "NIXENV_TEST_CONTAINERD";
+
+/// The containerd binary the tests run: `$NIXENV_TEST_CONTAINERD`, else `containerd` on PATH.
+pub fn containerd_binary() -> PathBuf {
+    match std::env::var_os(CONTAINERD_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("containerd"),
+    }
+}
+
+/// The directory of `$NIXENV_TEST_CONTAINERD` (where its shims and `ctr` live), if set.
+fn containerd_dir() -> Option<PathBuf> {
+    let bin = PathBuf::from(std::env::var_os(CONTAINERD_ENV).filter(|p| !p.is_empty())?);
+    let bin = std::fs::canonicalize(&bin).unwrap_or(bin);
+    bin.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+}
+
+/// The `ctr` that talks to [`containerd_binary`]: the one beside `$NIXENV_TEST_CONTAINERD`
+/// if there is one, else `ctr` on PATH.
+pub fn ctr_binary() -> PathBuf {
+    containerd_dir()
+        .map(|d| d.join("ctr"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("ctr"))
+}
+
+/// The major version of `containerd --version` of `bin` (`containerd <module> v2.1.5 <commit>`,
+/// Debian: `containerd <module> 1.6.20~ds1 …`).
+pub fn major_version_of(bin: &Path) -> anyhow::Result<u32> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| anyhow::anyhow!("run {} --version: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_major_version(&text).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} --version: no version in {:?}",
+            bin.display(),
+            text.trim()
+        )
+    })
+}
+
+fn parse_major_version(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .skip(1)
+        .map(|w| w.trim_start_matches('v'))
+        .find_map(|w| {
+            let (major, rest) = w.split_once('.')?;
+            rest.chars().next().filter(char::is_ascii_digit)?;
+            major.parse().ok()
+        })
+}
+
+/// The major version of [`containerd_binary`] (cached; panics if it cannot be run).
+pub fn major_version() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        major_version_of(&containerd_binary()).unwrap_or_else(|e| panic!("containerd: {e}"))
+    })
+}
+
+/// The config version [`containerd_binary`] reads: 3 for containerd 2.x, 2 for 1.x.
+pub fn config_version() -> u32 {
+    if major_version() >= 2 {
+        3
+    } else {
+        2
+    }
+}
 
 /// A CRI runtime handler (`plugins."io.containerd.grpc.v1.cri".containerd.runtimes.NAME`).
 #[derive(Debug, Clone)]
@@ -96,12 +177,15 @@ pub struct ContainerdBuilder {
     log_level: String,
     extra_cri_toml: Vec<String>,
     imports: Vec<PathBuf>,
+    cni: Option<(PathBuf, PathBuf)>,
+    config_version: Option<u32>,
 }
 
 impl ContainerdBuilder {
     /// Appends a config file's tables (its `version` line dropped) to the generated config, e.g.
-    /// the repository's `runtimeclass/containerd-config-v2.toml`, to check that a shipped
-    /// file works. (containerd 1.6's `imports` would replace the whole CRI plugin section.)
+    /// the repository's `runtimeclass/containerd-config-v2.toml` (or `-v3.toml` when
+    /// [`config_version`] is 3), to check that a shipped file works. (containerd 1.6's
+    /// `imports` would replace the whole CRI plugin section.)
     pub fn append_config(mut self, path: &Path) -> Self {
         self.imports.push(path.to_owned());
         self
@@ -146,14 +230,148 @@ impl ContainerdBuilder {
         self
     }
 
-    /// A raw TOML line inside `[plugins."io.containerd.grpc.v1.cri"]`.
+    /// A raw TOML line inside `[plugins."io.containerd.grpc.v1.cri"]` (config version 2) or
+    /// `[plugins.'io.containerd.cri.v1.runtime']` (version 3).
     pub fn cri_line(mut self, line: &str) -> Self {
         self.extra_cri_toml.push(line.to_owned());
         self
     }
 
-    /// The config file (version 2, containerd 1.6/1.7) for a root at `dir`.
+    /// Pod networking through CNI: plugins from `bin_dir`, network configs from `conf_dir`
+    /// (default: empty private dirs, so pods must use the node's network).
+    pub fn cni(mut self, bin_dir: &Path, conf_dir: &Path) -> Self {
+        self.cni = Some((bin_dir.to_owned(), conf_dir.to_owned()));
+        self
+    }
+
+    /// Writes config `version` (2 or 3) whatever [`containerd_binary`] is.
+    pub fn config_version(mut self, version: u32) -> Self {
+        self.config_version = Some(version);
+        self
+    }
+
+    fn effective_config_version(&self) -> u32 {
+        self.config_version.unwrap_or_else(config_version)
+    }
+
+    fn default_handler_name(&self) -> String {
+        self.default_handler
+            .clone()
+            .or_else(|| self.handlers.first().map(|h| h.name.clone()))
+            .unwrap_or_else(|| "runc".to_owned())
+    }
+
+    fn cni_dirs(&self, dir: &Path) -> (String, String) {
+        match &self.cni {
+            Some((bin, conf)) => (bin.display().to_string(), conf.display().to_string()),
+            None => (
+                dir.join("cni/bin").display().to_string(),
+                dir.join("cni/conf").display().to_string(),
+            ),
+        }
+    }
+
+    fn imported_tables(&self, t: &mut String) {
+        for path in &self.imports {
+            let text = std::fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            for line in text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("version"))
+            {
+                let _ = writeln!(t, "{line}");
+            }
+        }
+    }
+
+    /// The config file for a root at `dir`: version 2 (containerd 1.6/1.7) or 3 (2.x), as
+    /// [`config_version`] (or [`Self::config_version`]) says.
     pub fn config_toml(&self, dir: &Path) -> String {
+        if self.effective_config_version() >= 3 {
+            self.config_toml_v3(dir)
+        } else {
+            self.config_toml_v2(dir)
+        }
+    }
+
+    /// The version 3 config (containerd 2.x): the same settings as [`Self::config_toml_v2`]
+    /// under 2.x's plugin ids.
+    pub fn config_toml_v3(&self, dir: &Path) -> String {
+        let mut t = String::new();
+        let d = |p: &str| dir.join(p).display().to_string();
+        let _ = writeln!(t, "version = 3");
+        let _ = writeln!(t, "root = {:?}", d("root"));
+        let _ = writeln!(t, "state = {:?}", d("state"));
+        let _ = writeln!(t, "temp = {:?}", d("tmp"));
+        let _ = writeln!(
+            t,
+            "disabled_plugins = [\"io.containerd.internal.v1.opt\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.erofs\", \"io.containerd.tracing.processor.v1.otlp\"]"
+        );
+        let _ = writeln!(t, "[grpc]\n  address = {:?}", d("containerd.sock"));
+        let _ = writeln!(t, "[ttrpc]\n  address = {:?}", d("containerd.sock.ttrpc"));
+        let _ = writeln!(t, "[debug]\n  level = {:?}", self.log_level);
+        // NRI (on by default in 2.x) listens on one socket per host: parallel containerds
+        // would collide on it.
+        let _ = writeln!(t, "[plugins.'io.containerd.nri.v1.nri']\n  disable = true");
+        let _ = writeln!(t, "[plugins.'io.containerd.cri.v1.images']");
+        let _ = writeln!(t, "  snapshotter = \"overlayfs\"");
+        let _ = writeln!(t, "  [plugins.'io.containerd.cri.v1.images'.pinned_images]");
+        let _ = writeln!(t, "    sandbox = {:?}", self.sandbox_image.name());
+        let _ = writeln!(t, "[plugins.'io.containerd.grpc.v1.cri']");
+        let _ = writeln!(t, "  stream_server_address = \"127.0.0.1\"");
+        let _ = writeln!(t, "  stream_server_port = \"0\"");
+        let _ = writeln!(t, "[plugins.'io.containerd.cri.v1.runtime']");
+        let _ = writeln!(t, "  restrict_oom_score_adj = true");
+        let _ = writeln!(t, "  disable_apparmor = true");
+        for line in &self.extra_cri_toml {
+            let _ = writeln!(t, "  {line}");
+        }
+        let (cni_bin, cni_conf) = self.cni_dirs(dir);
+        let _ = writeln!(t, "  [plugins.'io.containerd.cri.v1.runtime'.cni]");
+        let _ = writeln!(
+            t,
+            "    bin_dirs = [{cni_bin:?}]\n    conf_dir = {cni_conf:?}"
+        );
+        let _ = writeln!(t, "  [plugins.'io.containerd.cri.v1.runtime'.containerd]");
+        let _ = writeln!(
+            t,
+            "    default_runtime_name = {:?}",
+            self.default_handler_name()
+        );
+        self.runtime_tables(&mut t, "'io.containerd.cri.v1.runtime'");
+        self.imported_tables(&mut t);
+        t
+    }
+
+    /// One `[plugins.PLUGIN.containerd.runtimes.NAME]` table (and its `options`) per handler.
+    fn runtime_tables(&self, t: &mut String, plugin: &str) {
+        let mut handlers = self.handlers.clone();
+        if handlers.is_empty() {
+            handlers.push(RuntimeHandler::runc());
+        }
+        for h in &handlers {
+            let _ = writeln!(t, "    [plugins.{plugin}.containerd.runtimes.{:?}]", h.name);
+            let _ = writeln!(t, "      runtime_type = {:?}", h.runtime_type);
+            if !h.pod_annotations.is_empty() {
+                let list: Vec<String> =
+                    h.pod_annotations.iter().map(|a| format!("{a:?}")).collect();
+                let _ = writeln!(t, "      pod_annotations = [{}]", list.join(", "));
+            }
+            if !h.options.is_empty() {
+                let _ = writeln!(
+                    t,
+                    "      [plugins.{plugin}.containerd.runtimes.{:?}.options]",
+                    h.name
+                );
+                for (k, v) in &h.options {
+                    let _ = writeln!(t, "        {k} = {v}");
+                }
+            }
+        }
+    }
+
+    /// The version 2 config (containerd 1.6/1.7).
+    pub fn config_toml_v2(&self, dir: &Path) -> String {
         let mut t = String::new();
         let d = |p: &str| dir.join(p).display().to_string();
         let _ = writeln!(t, "version = 2");
@@ -176,58 +394,18 @@ impl ContainerdBuilder {
         for line in &self.extra_cri_toml {
             let _ = writeln!(t, "  {line}");
         }
+        let (cni_bin, cni_conf) = self.cni_dirs(dir);
         let _ = writeln!(t, "  [plugins.\"io.containerd.grpc.v1.cri\".cni]");
-        let _ = writeln!(
-            t,
-            "    bin_dir = {:?}\n    conf_dir = {:?}",
-            d("cni/bin"),
-            d("cni/conf")
-        );
+        let _ = writeln!(t, "    bin_dir = {cni_bin:?}\n    conf_dir = {cni_conf:?}");
         let _ = writeln!(t, "  [plugins.\"io.containerd.grpc.v1.cri\".containerd]");
         let _ = writeln!(t, "    snapshotter = \"overlayfs\"");
-        let default = self
-            .default_handler
-            .clone()
-            .or_else(|| self.handlers.first().map(|h| h.name.clone()))
-            .unwrap_or_else(|| "runc".to_owned());
-        let _ = writeln!(t, "    default_runtime_name = {default:?}");
-        let mut handlers = self.handlers.clone();
-        if handlers.is_empty() {
-            handlers.push(RuntimeHandler::runc());
-        }
-        for h in &handlers {
-            let _ = writeln!(
-                t,
-                "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{:?}]",
-                h.name
-            );
-            let _ = writeln!(t, "      runtime_type = {:?}", h.runtime_type);
-            if !h.pod_annotations.is_empty() {
-                let list: Vec<String> =
-                    h.pod_annotations.iter().map(|a| format!("{a:?}")).collect();
-                let _ = writeln!(t, "      pod_annotations = [{}]", list.join(", "));
-            }
-            if !h.options.is_empty() {
-                let _ = writeln!(
-                    t,
-                    "      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{:?}.options]",
-                    h.name
-                );
-                for (k, v) in &h.options {
-                    let _ = writeln!(t, "        {k} = {v}");
-                }
-            }
-        }
-        for path in &self.imports {
-            let text = std::fs::read_to_string(path)
-                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-            for line in text
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("version"))
-            {
-                let _ = writeln!(t, "{line}");
-            }
-        }
+        let _ = writeln!(
+            t,
+            "    default_runtime_name = {:?}",
+            self.default_handler_name()
+        );
+        self.runtime_tables(&mut t, "\"io.containerd.grpc.v1.cri\"");
+        self.imported_tables(&mut t);
         t
     }
 
@@ -236,7 +414,7 @@ impl ContainerdBuilder {
         let dir = tempfile::Builder::new()
             .prefix("nixenv-containerd-")
             .tempdir()?;
-        for sub in ["root", "state", "cni/bin", "cni/conf", "plugins"] {
+        for sub in ["root", "state", "tmp", "cni/bin", "cni/conf", "plugins"] {
             std::fs::create_dir_all(dir.path().join(sub))?;
         }
         let config = dir.path().join("config.toml");
@@ -245,10 +423,12 @@ impl ContainerdBuilder {
         let log = File::create(&log_path)?;
         let mut path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .collect::<Vec<_>>();
-        for (i, d) in self.path_dirs.iter().enumerate() {
-            path.insert(i, d.clone());
+        let mut first = self.path_dirs.clone();
+        first.extend(containerd_dir());
+        for (i, d) in first.into_iter().enumerate() {
+            path.insert(i, d);
         }
-        let mut cmd = Command::new("containerd");
+        let mut cmd = Command::new(containerd_binary());
         cmd.arg("--config")
             .arg(&config)
             .env("PATH", std::env::join_paths(path)?)
@@ -290,6 +470,8 @@ impl Containerd {
             log_level: "debug".to_owned(),
             extra_cri_toml: Vec::new(),
             imports: Vec::new(),
+            cni: None,
+            config_version: None,
         }
     }
 
@@ -318,7 +500,7 @@ impl Containerd {
 
     /// A `ctr` command against this containerd in the `k8s.io` namespace.
     pub fn ctr(&self) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(ctr_binary());
         cmd.arg("--address")
             .arg(&self.address)
             .args(["-n", K8S_NAMESPACE]);
@@ -512,5 +694,50 @@ fn unescape_mountinfo(s: &str) -> String {
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_versions_of_containerd() {
+        assert_eq!(
+            parse_major_version(
+                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n"
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            parse_major_version("containerd github.com/containerd/containerd/v2 v2.1.5 v2.1.5\n"),
+            Some(2)
+        );
+        assert_eq!(parse_major_version("containerd\n"), None);
+    }
+
+    #[test]
+    fn version_3_config_uses_the_2x_plugin_ids() {
+        let b = Containerd::builder()
+            .handler(RuntimeHandler::runc())
+            .handler(RuntimeHandler::nixenv().option("BinaryName", "\"/x\""))
+            .config_version(3);
+        let t = b.config_toml(Path::new("/tmp/c"));
+        assert!(t.starts_with("version = 3\n"), "{t}");
+        assert!(t.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.\"nixenv\"]\n      runtime_type = \"io.containerd.nixenv.v2\"\n      pod_annotations = [\"nix.dev/*\"]"), "{t}");
+        assert!(t.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.\"nixenv\".options]\n        BinaryName = \"/x\""), "{t}");
+        assert!(t.contains("[plugins.'io.containerd.cri.v1.images'.pinned_images]\n    sandbox = \"docker.io/nixenv/pause:test\""), "{t}");
+        assert!(t.contains("restrict_oom_score_adj = true"), "{t}");
+        assert!(
+            t.contains("[plugins.'io.containerd.nri.v1.nri']\n  disable = true"),
+            "{t}"
+        );
+        assert!(t.contains("default_runtime_name = \"runc\""), "{t}");
+        assert!(!t.contains("io.containerd.grpc.v1.cri\".containerd"), "{t}");
+        let v2 = b.config_version(2).config_toml(Path::new("/tmp/c"));
+        assert!(
+            v2.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"nixenv\"]"),
+            "{v2}"
+        );
     }
 }

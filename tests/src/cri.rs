@@ -41,6 +41,8 @@ pub struct PodSpec {
     pub handler: String,
     /// Where container logs go (the kubelet's `/var/log/pods/…`); `None`: no logs.
     pub log_directory: Option<PathBuf>,
+    /// The node's PID namespace for the pod and its containers (`hostPID: true`).
+    pub host_pid: bool,
 }
 
 impl PodSpec {
@@ -53,6 +55,7 @@ impl PodSpec {
             annotations: HashMap::new(),
             handler: String::new(),
             log_directory: None,
+            host_pid: false,
         }
     }
 
@@ -68,10 +71,30 @@ impl PodSpec {
         self
     }
 
+    /// Runs the pod in the node's PID namespace (`hostPID: true`).
+    pub fn host_pid(mut self) -> Self {
+        self.host_pid = true;
+        self
+    }
+
     /// Sets the pod log directory.
     pub fn log_directory(mut self, dir: &Path) -> Self {
         self.log_directory = Some(dir.to_owned());
         self
+    }
+
+    /// The namespaces of the pod and its containers (the kubelet gives both the same).
+    pub fn namespace_options(&self) -> cri::NamespaceOption {
+        cri::NamespaceOption {
+            network: cri::NamespaceMode::Node as i32,
+            pid: if self.host_pid {
+                cri::NamespaceMode::Node as i32
+            } else {
+                cri::NamespaceMode::Container as i32
+            },
+            ipc: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        }
     }
 
     /// The CRI sandbox config (host network, as without CNI).
@@ -92,12 +115,7 @@ impl PodSpec {
             annotations: self.annotations.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(self.namespace_options()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -309,11 +327,20 @@ impl Cri {
         pod: &PodSpec,
         spec: &ContainerSpec,
     ) -> Result<String, tonic::Status> {
+        let mut config = spec.config();
+        if pod.host_pid {
+            if let Some(linux) = config.linux.as_mut() {
+                linux.security_context = Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(pod.namespace_options()),
+                    ..Default::default()
+                });
+            }
+        }
         let resp = self
             .runtime
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod_id.to_owned(),
-                config: Some(spec.config()),
+                config: Some(config),
                 sandbox_config: Some(pod.config()),
             })
             .await?;

@@ -54,6 +54,10 @@ enum Entry {
         path: String,
         target: String,
     },
+    Hardlink {
+        path: String,
+        target: String,
+    },
 }
 
 /// An image under construction: a name, an entrypoint/cmd, env, and zero or one layer.
@@ -63,6 +67,7 @@ pub struct ImageBuilder {
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     env: Vec<String>,
+    user: Option<String>,
     layer: Option<Vec<Entry>>,
 }
 
@@ -76,6 +81,7 @@ impl ImageBuilder {
             env: vec![
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
             ],
+            user: None,
             layer: None,
         }
     }
@@ -94,6 +100,12 @@ impl ImageBuilder {
     /// Sets `Cmd`.
     pub fn cmd(mut self, args: &[&str]) -> Self {
         self.cmd = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Sets `User` (e.g. `1000`, `www-data`, `1000:50000`).
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_owned());
         self
     }
 
@@ -129,6 +141,15 @@ impl ImageBuilder {
         self
     }
 
+    /// Adds a hard link to `target`, an earlier entry (a path in the layer, e.g. `bin/busybox`).
+    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
+        self.layer().push(Entry::Hardlink {
+            path: path.trim_start_matches('/').to_owned(),
+            target: target.trim_start_matches('/').to_owned(),
+        });
+        self
+    }
+
     /// Writes the OCI archive into `dir` and returns its path.
     pub fn write_archive(&self, dir: &Path) -> std::io::Result<PathBuf> {
         let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
@@ -151,6 +172,9 @@ impl ImageBuilder {
         }
         if !self.cmd.is_empty() {
             config["Cmd"] = serde_json::json!(self.cmd);
+        }
+        if let Some(user) = &self.user {
+            config["User"] = serde_json::json!(user);
         }
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": oci_arch(),
@@ -269,6 +293,13 @@ impl From<&Entry> for TarItem {
                 data: Vec::new(),
                 link: target.clone(),
             },
+            Entry::Hardlink { path, target } => TarItem {
+                path: path.clone(),
+                mode: 0o755,
+                kind: b'1',
+                data: Vec::new(),
+                link: target.clone(),
+            },
         }
     }
 }
@@ -370,7 +401,7 @@ pub fn busybox_image() -> ImageBuilder {
 
 /// Imports an archive into `namespace` of the containerd at `address` with `ctr`.
 pub fn import(address: &Path, namespace: &str, archive: &Path) -> std::io::Result<()> {
-    let out = Command::new("ctr")
+    let out = Command::new(crate::containerd::ctr_binary())
         .arg("--address")
         .arg(address)
         .args(["-n", namespace, "images", "import"])

@@ -34,4 +34,4 @@ pub mod podman;
 
 pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};
-pub use node::{bin_path, nixenv_bin, TestNode};
+pub use node::{bin_path, nixenv_bin, ServedNode, TestNode};

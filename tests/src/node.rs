@@ -329,6 +329,44 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// A node fed over HTTP: the fixture cache `cache` and the catalog, each served on 127.0.0.1,
+/// and a private [`TestNode`] that uses both and trusts the test key. Dropped, the servers
+/// stop and the node's directory is removed.
+#[derive(Debug)]
+pub struct ServedNode {
+    /// The binary cache server (request counts, fault injection).
+    pub caches: crate::CacheServer,
+    /// The catalog server.
+    pub catalog: crate::CacheServer,
+    /// The node.
+    pub node: TestNode,
+}
+
+impl ServedNode {
+    /// Serves `cache` and the catalog to a new node.
+    pub fn new(cache: crate::Cache) -> ServedNode {
+        ServedNode::with(cache, |node| node)
+    }
+
+    /// [`ServedNode::new`], with `configure` applied to the node (extra config lines, say).
+    pub fn with(cache: crate::Cache, configure: impl FnOnce(TestNode) -> TestNode) -> ServedNode {
+        let fx = crate::Fixtures::get();
+        let caches = crate::CacheServer::serve(fx.cache(cache));
+        let catalog = crate::CacheServer::serve(&fx.catalog);
+        let node = configure(
+            TestNode::new()
+                .substituter(&caches.url())
+                .trusting(&fx.trusted_key.public)
+                .with_catalog(&catalog.url()),
+        );
+        ServedNode {
+            caches,
+            catalog,
+            node,
+        }
+    }
+}
+
 /// Sorted entry names of a directory (empty if missing).
 pub fn list_dir(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
-use nixenv_testkit::{images, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{images, Cache, Fixtures, ServedNode, TestNode};
 
 /// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it).
 fn hook_bin(name: &str) -> PathBuf {
@@ -40,23 +40,16 @@ fn real_runc() -> PathBuf {
 }
 
 struct Env {
-    _caches: CacheServer,
-    _catalog: CacheServer,
-    node: TestNode,
+    served: ServedNode,
     containerd: Containerd,
 }
 
 /// Fixture caches and catalog over HTTP, a private node whose config names the real runc, and
 /// containerd with the `nixenv` handler = the runc shim running nixenv-runc.
 fn env() -> Env {
-    let fx = Fixtures::get();
-    let caches = CacheServer::serve(fx.cache(Cache::Xz));
-    let catalog = CacheServer::serve(&fx.catalog);
-    let node = TestNode::new()
-        .substituter(&caches.url())
-        .trusting(&fx.trusted_key.public)
-        .with_catalog(&catalog.url())
-        .with_config_line(&format!("runc = {:?}", real_runc().display().to_string()));
+    let served = ServedNode::with(Cache::Xz, |node| {
+        node.with_config_line(&format!("runc = {:?}", real_runc().display().to_string()))
+    });
     let nixenv_runc = hook_bin("nixenv-runc");
     hook_bin("nixenv-hook");
     let handler = RuntimeHandler::new("nixenv", "io.containerd.runc.v2")
@@ -69,18 +62,13 @@ fn env() -> Env {
         .handler(RuntimeHandler::runc())
         .handler(handler)
         .default_handler("runc")
-        .env("NIXENV_CONFIG", node.write_config())
+        .env("NIXENV_CONFIG", served.node.write_config())
         .start()
         .expect("start containerd");
     containerd
         .import(&images::empty_image())
         .expect("import empty");
-    Env {
-        _caches: caches,
-        _catalog: catalog,
-        node,
-        containerd,
-    }
+    Env { served, containerd }
 }
 
 fn free_port() -> u16 {
@@ -200,14 +188,19 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
         Some(&want),
         "only the closure under /nix/store"
     );
-    let pin = e.node.state_dir().join("pins").join(format!("{id}.json"));
+    let pin = e
+        .served
+        .node
+        .state_dir()
+        .join("pins")
+        .join(format!("{id}.json"));
     assert!(
         pin.is_file(),
         "the running container is pinned at {}: {:?}",
         pin.display(),
-        pins(&e.node)
+        pins(&e.served.node)
     );
-    assert_eq!(pins(&e.node), vec![format!("{id}.json")], "only it");
+    assert_eq!(pins(&e.served.node), vec![format!("{id}.json")], "only it");
 
     // `runc exec` passes straight through the wrapper; the store is read-only. (containerd
     // builds an exec's process from the spec it generated, not from the rewritten config.json:
@@ -233,12 +226,19 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     assert!(
         !pin.exists(),
         "runc delete through nixenv-runc unpins: {:?}",
-        pins(&e.node)
+        pins(&e.served.node)
     );
-    assert!(pins(&e.node).is_empty(), "{:?}", pins(&e.node));
+    assert!(
+        pins(&e.served.node).is_empty(),
+        "{:?}",
+        pins(&e.served.node)
+    );
     // The store keeps the closure for the next container.
     for p in fx.echoserver_closure() {
-        assert!(e.node.store_dir().join(store_path_base(p)).is_dir(), "{p}");
+        assert!(
+            e.served.node.store_dir().join(store_path_base(p)).is_dir(),
+            "{p}"
+        );
     }
     cri.delete_pod(&pod_id).await.expect("delete pod");
     assert_clean(c).await;
@@ -280,9 +280,17 @@ async fn runc_shim_with_binaryname_reports_a_bad_reference_in_one_line() {
         "status message: {}",
         st.message
     );
-    assert!(pins(&e.node).is_empty(), "no pin: {:?}", pins(&e.node));
+    assert!(
+        pins(&e.served.node).is_empty(),
+        "no pin: {:?}",
+        pins(&e.served.node)
+    );
     cri.remove_container(&id).await.expect("remove");
     cri.delete_pod(&pod_id).await.expect("delete pod");
-    assert!(pins(&e.node).is_empty(), "no pin: {:?}", pins(&e.node));
+    assert!(
+        pins(&e.served.node).is_empty(),
+        "no pin: {:?}",
+        pins(&e.served.node)
+    );
     assert_clean(c).await;
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
-use nixenv_testkit::{bin_path, images, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{bin_path, images, Cache, Fixtures, ServedNode, TestNode};
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;
 
@@ -208,6 +208,68 @@ async fn plain_pod_runs_on_the_nixenv_handler() {
     assert_clean(&c).await;
 }
 
+/// Pids of host processes whose command line is exactly `args`.
+fn host_processes(args: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_a_host_pid_container_outlives_its_init() {
+    let c = containerd(None);
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let pod = PodSpec::new("hostpid").handler("nixenv").host_pid();
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    // In the node's PID namespace the init's death does not end its children: the shim must
+    // (as containerd's runc shim does). containerd 2.x waits for the container's stdio, which
+    // the child holds, before it records the exit: without this the container stays running.
+    let marker = (40_000 + rand::random::<u32>() % 20_000).to_string();
+    let child = ["sleep", marker.as_str()];
+    let spec = ContainerSpec::new("parent", BUSYBOX).command(&[
+        "sh",
+        "-c",
+        &format!("sleep {marker} & while [ ! -e /proc/$!/cmdline ]; do :; done; sleep 1; exit 3"),
+    ]);
+    let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    cri.start_container(&id).await.expect("start");
+    wait_for("the child", Duration::from_secs(10), || {
+        !host_processes(&child).is_empty()
+    })
+    .await;
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    for pid in host_processes(&child) {
+        assert_eq!(
+            ns(&pid.to_string()),
+            ns("self"),
+            "the child is in the node's PID namespace"
+        );
+    }
+    let st = cri
+        .wait_exited(&id, Duration::from_secs(30))
+        .await
+        .expect("the container exits");
+    assert_eq!(st.exit_code, 3);
+    wait_for("the child to be killed", Duration::from_secs(10), || {
+        host_processes(&child).is_empty()
+    })
+    .await;
+    // containerd's task delete waits for the container's stdio to close: it returns.
+    tokio::time::timeout(Duration::from_secs(30), cri.delete_pod(&pod_id))
+        .await
+        .expect("the pod is removed in time")
+        .unwrap();
+    assert_clean(&c).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_with_a_terminal_and_a_restart_in_the_same_pod() {
     let c = containerd(None);
@@ -262,25 +324,9 @@ async fn container_with_a_terminal_and_a_restart_in_the_same_pod() {
     assert_clean(&c).await;
 }
 
-struct Env {
-    caches: CacheServer,
-    _catalog: CacheServer,
-    node: TestNode,
-}
-
-fn nix_env() -> Env {
-    let fx = Fixtures::get();
-    let caches = CacheServer::serve(fx.cache(Cache::Xz));
-    let catalog = CacheServer::serve(&fx.catalog);
-    let node = TestNode::new()
-        .substituter(&caches.url())
-        .trusting(&fx.trusted_key.public)
-        .with_catalog(&catalog.url());
-    Env {
-        caches,
-        _catalog: catalog,
-        node,
-    }
+/// The xz fixture cache and the catalog over HTTP, and a node using them.
+fn nix_env() -> ServedNode {
+    ServedNode::new(Cache::Xz)
 }
 
 fn pins(node: &TestNode) -> Vec<String> {
@@ -463,9 +509,11 @@ async fn eight_pods_of_one_environment_at_once_fetch_each_nar_once() {
         fx.echoserver_closure().len(),
         "one NAR per closure path: {counts:?}"
     );
+    let log = c.log();
+    let retries: Vec<&str> = log.lines().filter(|l| l.contains("retrying")).collect();
     assert!(
         nars.iter().all(|(_, n)| **n == 1),
-        "each NAR fetched once: {counts:?}"
+        "each NAR fetched once: {counts:?}\nretries logged by the shims: {retries:#?}"
     );
     assert_eq!(pins(&env.node).len(), 8);
     let mut cri = cri.clone();
@@ -530,8 +578,11 @@ async fn two_containers_in_one_pod_and_a_skipped_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_containerd_config_runs_the_mission_pod() {
     let env = nix_env();
-    let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtimeclass/containerd-config-v2.toml");
+    // The file for the containerd under test: v2 for 1.6/1.7, v3 for 2.x.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../runtimeclass/containerd-config-v{}.toml",
+        nixenv_testkit::containerd::config_version()
+    ));
     // Only the runc handler comes from the testkit; `nixenv` comes from the shipped file.
     let c = Containerd::builder()
         .handler(RuntimeHandler::runc())
@@ -609,4 +660,80 @@ async fn a_start_abandoned_during_a_slow_fetch_is_retried_without_refetching() {
     })
     .await;
     assert_clean(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
+    let env = nix_env();
+    env.caches.inject(
+        "/nar/*",
+        nixenv_testkit::Fault::Delay(Duration::from_secs(2)),
+    );
+    let c = containerd(Some(&env.node));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let pod = PodSpec::new("removed")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &free_port().to_string());
+    let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    let start = tokio::spawn({
+        let mut cri = cri.clone();
+        async move { cri.start_container(&id).await }
+    });
+    // The closure is downloading (the shim asked for a NAR) when the pod is removed.
+    wait_for("a NAR download to begin", Duration::from_secs(20), || {
+        env.caches.requests_matching("/nar/*") > 0
+    })
+    .await;
+    assert!(!start.is_finished(), "the start waits for the download");
+    // As the kubelet does for a deleted pod: StopPodSandbox, then RemovePodSandbox, retried
+    // while containerd refuses (a container still "starting" cannot be removed yet).
+    let t0 = std::time::Instant::now();
+    cri.stop_pod(&pod_id).await.expect("stop the pod");
+    eprintln!("StopPodSandbox: {:.1?}", t0.elapsed());
+    let started = tokio::time::timeout(Duration::from_secs(60), start)
+        .await
+        .expect("the start returns once its pod is stopped")
+        .unwrap();
+    assert!(
+        started.is_err(),
+        "a container of a stopped pod does not start"
+    );
+    eprintln!("StartContainer returned: {:.1?}", t0.elapsed());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = cri.delete_pod(&pod_id).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "remove the pod: {}",
+            e.message()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("RemovePodSandbox: {:.1?}", t0.elapsed());
+    assert!(
+        cri.list_containers(&pod_id).await.unwrap().is_empty(),
+        "no container is left in CRI"
+    );
+    wait_for("every pin to be dropped", Duration::from_secs(10), || {
+        pins(&env.node).is_empty()
+    })
+    .await;
+    assert_clean(&c).await;
+    eprintln!("clean: {:.1?}", t0.elapsed());
+    // No half-written store path: what the download finished is committed (and listed),
+    // nothing else is left in the state dir.
+    assert!(
+        env.node.leftovers().is_empty(),
+        "{:?}",
+        env.node.leftovers()
+    );
+    let out = env.node.nixenv(&["ls", "--store"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
