@@ -303,6 +303,35 @@ fn refuses_a_truncated_nar() {
 }
 
 #[test]
+fn refuses_a_nar_padded_with_input_that_decompresses_to_nothing() {
+    // zstd skippable frames before a NAR's real frame are read and produce nothing: a cache
+    // must not be able to keep a download (and the path's lock) busy with them. The padding
+    // is twice NarSize and 2 MiB, past the limit of 1.5 × NarSize + 1 MiB.
+    let fx = Fixtures::get();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = fx.cache_copy(Cache::Zstd, &dir.path().join("cache"));
+    let victim = fx.echoserver.as_str();
+    let info = fx.narinfo(Cache::Zstd, victim);
+    assert_eq!(info.compression, "zstd");
+    let file = cache.join(&info.url);
+    let nar = std::fs::read(&file).unwrap();
+    let frame: u32 = 1 << 20;
+    let frames = (2 * info.nar_size + (2 << 20)).div_ceil(u64::from(frame));
+    let mut padded = Vec::new();
+    for _ in 0..frames {
+        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        padded.extend_from_slice(&frame.to_le_bytes());
+        padded.resize(padded.len() + frame as usize, 0);
+    }
+    padded.extend_from_slice(&nar);
+    std::fs::write(&file, padded).unwrap();
+    let server = CacheServer::serve(&cache);
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[victim]);
+    assert_refused(&node, &out, victim, &["compressed nar is larger than"]);
+}
+
+#[test]
 fn refuses_a_path_no_cache_has_after_asking_every_cache() {
     let fx = Fixtures::get();
     let empty = tempfile::tempdir().unwrap();

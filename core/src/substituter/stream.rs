@@ -52,6 +52,58 @@ impl Read for ChannelReader {
     }
 }
 
+/// The most compressed bytes read for a NAR of `nar_size` bytes: half as much again and
+/// 1 MiB, far above what xz, zstd or bzip2 produce even for incompressible data. Bounded by
+/// the signed NarSize (not the unsigned FileSize), so a cache cannot make a download consume
+/// unbounded input that decompresses to little (padding, zstd skippable frames).
+pub(crate) fn compressed_limit(nar_size: u64) -> u64 {
+    nar_size
+        .saturating_add(nar_size / 2)
+        .saturating_add(1 << 20)
+}
+
+/// A `Read` that fails with `InvalidData` once its input goes on past `limit` bytes.
+pub(crate) struct CappedReader<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> CappedReader<R> {
+    pub(crate) fn new(inner: R, limit: u64) -> Self {
+        CappedReader {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl<R: Read> Read for CappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // At the limit: fine if the input ends here, an error if it goes on.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the compressed NAR is larger than {} bytes", self.limit),
+                )),
+            };
+        }
+        let max = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// A decompressing reader for `compression`.
 pub(crate) fn decoder<'a, R: Read + 'a>(
     compression: Compression,
@@ -88,6 +140,7 @@ pub(crate) fn unpack_and_verify<R: Read>(
         compression: info.compression.as_str(),
         source,
     };
+    let input = CappedReader::new(input, compressed_limit(info.nar_size));
     let dec = decoder(info.compression, input).map_err(decompress_err)?;
     // Never read more than NarSize + 1 bytes: a NAR larger than announced is refused
     // without filling the disk first.
@@ -174,5 +227,33 @@ fn classify(
             path: path.clone(),
             source: Box::new(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_reader_allows_the_limit_and_refuses_more() {
+        let mut out = Vec::new();
+        CappedReader::new(&[7u8; 10][..], 10)
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, [7u8; 10]);
+        let mut out = Vec::new();
+        let e = CappedReader::new(&[7u8; 11][..], 10)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(e.to_string(), "the compressed NAR is larger than 10 bytes");
+        assert_eq!(out.len(), 10);
+    }
+
+    #[test]
+    fn the_limit_leaves_room_for_incompressible_data() {
+        assert_eq!(compressed_limit(0), 1 << 20);
+        assert_eq!(compressed_limit(1000), 1500 + (1 << 20));
+        assert_eq!(compressed_limit(u64::MAX), u64::MAX);
     }
 }

@@ -502,6 +502,37 @@ async fn persistent_failures_give_up_after_the_attempts() {
 }
 
 #[tokio::test]
+async fn a_nar_padded_past_the_compressed_limit_is_refused_and_leaves_nothing() {
+    // zstd skippable frames decompress to nothing: without a cap on compressed bytes a cache
+    // could keep a download (and the path's lock) busy for as long as it likes.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("padded", 1);
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::Zstd, Some(&key()));
+    let nar = fake.files.lock().unwrap().get(&nar_url).cloned().unwrap();
+    // 2 MiB of skippable frames before the real one: read, decompressed to nothing.
+    let mut file = Vec::new();
+    let frame = 1usize << 20;
+    for _ in 0..2 {
+        file.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        file.extend_from_slice(&(frame as u32).to_le_bytes());
+        file.extend(std::iter::repeat_n(0u8, frame));
+    }
+    file.extend_from_slice(&nar);
+    fake.put(&nar_url, file);
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("the compressed NAR is larger than"),
+        "{e}"
+    );
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn untrusted_key_and_bad_signature_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeFetch::default();
