@@ -575,6 +575,28 @@ impl Containerd {
         pids
     }
 
+    /// After every pod is gone: waits (10 s at most) for this containerd's shims to exit,
+    /// then asserts that no runc container (in containerd's default runc root for `k8s.io`)
+    /// and no mount outside containerd's root is left.
+    pub async fn assert_clean(&self) {
+        crate::wait_for("shims to exit", std::time::Duration::from_secs(10), || {
+            self.shim_pids().is_empty()
+        })
+        .await;
+        let root = Path::new("/run/containerd/runc/k8s.io");
+        assert!(
+            self.runc_containers(root).is_empty(),
+            "runc containers left: {:?}",
+            self.runc_containers(root)
+        );
+        let mounts: Vec<PathBuf> = self
+            .mounts()
+            .into_iter()
+            .filter(|m| !m.starts_with(self.dir().join("root")))
+            .collect();
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    }
+
     /// runc containers (in `root`) whose bundle lives under this containerd's state dir.
     pub fn runc_containers(&self, root: &Path) -> Vec<String> {
         let out = Command::new("runc")

@@ -35,3 +35,23 @@ pub mod podman;
 pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};
 pub use node::{bin_path, nixenv_bin, ServedNode, TestNode};
+
+/// A free TCP port on 127.0.0.1 (bound, then released, so a server can take it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// Polls `f` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: std::time::Duration, mut f: F) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

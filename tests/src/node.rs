@@ -286,6 +286,14 @@ impl TestNode {
         cmd
     }
 
+    /// The pin files in `{state-dir}/pins` (`<key>.json`; temporaries skipped), sorted.
+    pub fn pins(&self) -> Vec<String> {
+        list_dir(&self.state_dir().join("pins"))
+            .into_iter()
+            .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+            .collect()
+    }
+
     /// Sorted names of the entries of `{state-dir}/store` (empty if it does not exist).
     pub fn store_entries(&self) -> Vec<String> {
         list_dir(&self.store_dir())

@@ -8,15 +8,14 @@
 //! to the binary it runs, so the pin showing up in this node's private state dir is what proves
 //! the config reached nixenv-runc.
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
-use nixenv_testkit::{images, Cache, Fixtures, ServedNode, TestNode};
+use nixenv_testkit::{free_port, images, Cache, Fixtures, ServedNode};
 
 /// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it).
 fn hook_bin(name: &str) -> PathBuf {
@@ -70,31 +69,6 @@ fn env() -> Env {
         .expect("import empty");
     Env { served, containerd }
 }
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The names in `{state-dir}/pins` (temp files skipped).
-fn pins(node: &TestNode) -> Vec<String> {
-    nixenv_testkit::node::list_dir(&node.state_dir().join("pins"))
-        .into_iter()
-        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
-        .collect()
-}
-
 /// The command lines of this containerd's shims.
 fn shim_cmdlines(c: &Containerd) -> Vec<String> {
     c.shim_pids()
@@ -103,27 +77,6 @@ fn shim_cmdlines(c: &Containerd) -> Vec<String> {
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .collect()
 }
-
-/// After every pod is gone: no shim, runc container or mount of this containerd is left.
-async fn assert_clean(c: &Containerd) {
-    wait_for("shims to exit", Duration::from_secs(10), || {
-        c.shim_pids().is_empty()
-    })
-    .await;
-    let root = Path::new("/run/containerd/runc/k8s.io");
-    assert!(
-        c.runc_containers(root).is_empty(),
-        "runc containers left: {:?}",
-        c.runc_containers(root)
-    );
-    let mounts: Vec<PathBuf> = c
-        .mounts()
-        .into_iter()
-        .filter(|m| !m.starts_with(c.dir().join("root")))
-        .collect();
-    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     let fx = Fixtures::get();
@@ -198,9 +151,9 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
         pin.is_file(),
         "the running container is pinned at {}: {:?}",
         pin.display(),
-        pins(&e.served.node)
+        e.served.node.pins()
     );
-    assert_eq!(pins(&e.served.node), vec![format!("{id}.json")], "only it");
+    assert_eq!(e.served.node.pins(), vec![format!("{id}.json")], "only it");
 
     // `runc exec` passes straight through the wrapper; the store is read-only. (containerd
     // builds an exec's process from the spec it generated, not from the rewritten config.json:
@@ -226,12 +179,12 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     assert!(
         !pin.exists(),
         "runc delete through nixenv-runc unpins: {:?}",
-        pins(&e.served.node)
+        e.served.node.pins()
     );
     assert!(
-        pins(&e.served.node).is_empty(),
+        e.served.node.pins().is_empty(),
         "{:?}",
-        pins(&e.served.node)
+        e.served.node.pins()
     );
     // The store keeps the closure for the next container.
     for p in fx.echoserver_closure() {
@@ -241,7 +194,7 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
         );
     }
     cri.delete_pod(&pod_id).await.expect("delete pod");
-    assert_clean(c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,16 +234,16 @@ async fn runc_shim_with_binaryname_reports_a_bad_reference_in_one_line() {
         st.message
     );
     assert!(
-        pins(&e.served.node).is_empty(),
+        e.served.node.pins().is_empty(),
         "no pin: {:?}",
-        pins(&e.served.node)
+        e.served.node.pins()
     );
     cri.remove_container(&id).await.expect("remove");
     cri.delete_pod(&pod_id).await.expect("delete pod");
     assert!(
-        pins(&e.served.node).is_empty(),
+        e.served.node.pins().is_empty(),
         "no pin: {:?}",
-        pins(&e.served.node)
+        e.served.node.pins()
     );
-    assert_clean(c).await;
+    c.assert_clean().await;
 }

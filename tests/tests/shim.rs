@@ -3,16 +3,17 @@
 //! closures served over HTTP on 127.0.0.1. Needs root.
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
-use nixenv_testkit::{bin_path, images, Cache, Fixtures, ServedNode, TestNode};
+use nixenv_testkit::{
+    bin_path, free_port, images, wait_for, Cache, Fixtures, ServedNode, TestNode,
+};
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;
 
@@ -39,43 +40,6 @@ fn containerd(node: Option<&TestNode>) -> Containerd {
     c.import(&images::empty_image()).expect("import empty");
     c
 }
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// After every pod is gone: no shim, runc container or mount of this containerd is left.
-async fn assert_clean(c: &Containerd) {
-    wait_for("shims to exit", Duration::from_secs(10), || {
-        c.shim_pids().is_empty()
-    })
-    .await;
-    let root = Path::new("/run/containerd/runc/k8s.io");
-    assert!(
-        c.runc_containers(root).is_empty(),
-        "runc containers left: {:?}",
-        c.runc_containers(root)
-    );
-    let mounts: Vec<PathBuf> = c
-        .mounts()
-        .into_iter()
-        .filter(|m| !m.starts_with(c.dir().join("root")))
-        .collect();
-    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-}
-
 /// `ctr tasks exec --tty` on a pseudo-terminal of `rows`x`cols`: what the terminal showed.
 fn ctr_exec_tty(c: &Containerd, id: &str, cmd: &[&str], rows: u16, cols: u16) -> String {
     let ws = nix::pty::Winsize {
@@ -205,7 +169,7 @@ async fn plain_pod_runs_on_the_nixenv_handler() {
 
     cri.remove_container(&id).await.expect("remove");
     cri.delete_pod(&pod_id).await.expect("delete pod");
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 /// Pids of host processes whose command line is exactly `args`.
@@ -267,7 +231,7 @@ async fn nothing_of_a_host_pid_container_outlives_its_init() {
         .await
         .expect("the pod is removed in time")
         .unwrap();
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,21 +285,13 @@ async fn container_with_a_terminal_and_a_restart_in_the_same_pod() {
     cri.remove_container(&id).await.unwrap();
     cri.remove_container(&id2).await.unwrap();
     cri.delete_pod(&pod_id).await.unwrap();
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 /// The xz fixture cache and the catalog over HTTP, and a node using them.
 fn nix_env() -> ServedNode {
     ServedNode::new(Cache::Xz)
 }
-
-fn pins(node: &TestNode) -> Vec<String> {
-    nixenv_testkit::node::list_dir(&node.state_dir().join("pins"))
-        .into_iter()
-        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mission_pod_serves_from_its_closure() {
     let fx = Fixtures::get();
@@ -379,7 +335,7 @@ async fn mission_pod_serves_from_its_closure() {
         Some(want.clone()),
         "only the closure under /nix/store"
     );
-    assert_eq!(pins(&env.node).len(), 1, "the container is pinned");
+    assert_eq!(env.node.pins().len(), 1, "the container is pinned");
 
     // Exec sees the same environment and cannot write the store.
     let r = cri
@@ -413,12 +369,12 @@ async fn mission_pod_serves_from_its_closure() {
     assert_eq!(st.exit_code, 0, "echoserver exits 0 on SIGTERM");
     cri.remove_container(&id).await.unwrap();
     assert!(
-        pins(&env.node).is_empty(),
+        env.node.pins().is_empty(),
         "remove unpins: {:?}",
-        pins(&env.node)
+        env.node.pins()
     );
     cri.delete_pod(&pod_id).await.unwrap();
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,10 +411,10 @@ async fn bad_references_fail_create_with_one_line() {
             "status message: {}",
             st.message
         );
-        assert!(pins(&env.node).is_empty());
+        assert!(env.node.pins().is_empty());
         cri.delete_pod(&pod_id).await.unwrap();
     }
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,13 +471,13 @@ async fn eight_pods_of_one_environment_at_once_fetch_each_nar_once() {
         nars.iter().all(|(_, n)| **n == 1),
         "each NAR fetched once: {counts:?}\nretries logged by the shims: {retries:#?}"
     );
-    assert_eq!(pins(&env.node).len(), 8);
+    assert_eq!(env.node.pins().len(), 8);
     let mut cri = cri.clone();
     for (pod_id, _) in &pods {
         cri.delete_pod(pod_id).await.expect("delete pod");
     }
-    assert!(pins(&env.node).is_empty(), "pod removal unpins");
-    assert_clean(&c).await;
+    assert!(env.node.pins().is_empty(), "pod removal unpins");
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,14 +521,14 @@ async fn two_containers_in_one_pod_and_a_skipped_sidecar() {
     );
     assert_eq!(c.shim_pids().len(), 1, "one shim for the pod");
     assert_eq!(
-        pins(&env.node).len(),
+        env.node.pins().len(),
         1,
         "only the main container is pinned"
     );
     let _ = fx;
     cri.delete_pod(&pod_id).await.unwrap();
-    assert!(pins(&env.node).is_empty());
-    assert_clean(&c).await;
+    assert!(env.node.pins().is_empty());
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,7 +562,7 @@ async fn the_shipped_containerd_config_runs_the_mission_pod() {
     let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).expect("answers");
     assert_eq!(reply.message.as_deref(), Some("hello from nix"));
     cri.delete_pod(&pod_id).await.unwrap();
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,10 +612,10 @@ async fn a_start_abandoned_during_a_slow_fetch_is_retried_without_refetching() {
     );
     cri.delete_pod(&pod_id).await.unwrap();
     wait_for("every pin to be dropped", Duration::from_secs(10), || {
-        pins(&env.node).is_empty()
+        env.node.pins().is_empty()
     })
     .await;
-    assert_clean(&c).await;
+    c.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,10 +674,10 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
         "no container is left in CRI"
     );
     wait_for("every pin to be dropped", Duration::from_secs(10), || {
-        pins(&env.node).is_empty()
+        env.node.pins().is_empty()
     })
     .await;
-    assert_clean(&c).await;
+    c.assert_clean().await;
     eprintln!("clean: {:.1?}", t0.elapsed());
     // No half-written store path: what the download finished is committed (and listed),
     // nothing else is left in the state dir.

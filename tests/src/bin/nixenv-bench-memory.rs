@@ -17,13 +17,7 @@ use anyhow::{bail, Context};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::echo;
-use nixenv_testkit::{bin_path, images, Cache, ServedNode};
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+use nixenv_testkit::{bin_path, free_port, images, Cache, ServedNode};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -140,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
         let mut kinds = vec![("warm", "nixenv")];
         kinds.extend((0..pods).flat_map(|_| [("pod", "nixenv"), ("pod", "runc")]));
         for (i, (what, handler)) in kinds.into_iter().enumerate() {
-            let port = free_port()?;
+            let port = free_port();
             let pod = PodSpec::new(&format!("mem-{handler}-{i}")).handler(handler);
             let (pod, spec) = if handler == "nixenv" && !plain {
                 (

@@ -37,7 +37,7 @@ use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{http_get, store_path_base, EchoReply};
 use nixenv_testkit::images::{self, ImageBuilder};
-use nixenv_testkit::{bin_path, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{bin_path, free_port, Cache, CacheServer, Fixtures, TestNode};
 
 /// The ordinary image holding the echoserver closure.
 const CLOSURE_IMAGE: &str = "docker.io/nixenv/echoserver-closure:bench";
@@ -85,12 +85,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
             .map_err(|_| anyhow::anyhow!("{key}={v:?}: not a valid value")),
         _ => Ok(default),
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn uptime() -> String {
@@ -181,7 +175,7 @@ impl Bench {
     /// Runs one pod of `v`; returns its timings and the echoserver's answer.
     async fn sample(&mut self, v: &Variant) -> anyhow::Result<(Sample, EchoReply)> {
         self.round += 1;
-        let port = free_port()?;
+        let port = free_port();
         let mut pod = PodSpec::new(&format!("bench-{}", self.round)).handler(v.handler);
         if let Some(e) = &v.environment {
             pod = pod.annotation("nix.dev/environment", e);

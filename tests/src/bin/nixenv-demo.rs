@@ -18,18 +18,12 @@ use anyhow::{bail, Context};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::http_get;
-use nixenv_testkit::{bin_path, images, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{bin_path, free_port, images, Cache, CacheServer, Fixtures, TestNode};
 
 const ENVIRONMENT: &str = "demo/echoserver";
 
 fn step(msg: &str) {
     eprintln!("==> {msg}");
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::main]
@@ -91,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     containerd.import(&images::empty_image())?;
 
     step("running the echoserver pod over CRI (runtime handler nixenv, image empty:latest)");
-    let port = free_port()?;
+    let port = free_port();
     let mut cri = Cri::connect(containerd.address()).await?;
     let pod = PodSpec::new("echoserver")
         .handler("nixenv")
