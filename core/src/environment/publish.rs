@@ -13,7 +13,7 @@
 //!   one it names: current never goes backwards.
 //! - A catalog is published to as a directory or a `file://` URL; `http(s)://` is read-only.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -25,14 +25,10 @@ use super::catalog::{self, Catalog, CatalogError};
 use super::lock::{self, EnvVars, Lock, LockError, SystemLock};
 use super::reference::EnvName;
 use crate::config::Config;
-use crate::fetch::retry::RetryPolicy;
-use crate::fetch::{Fetch, FetchError};
-use crate::nix::narinfo::NarInfoError;
-use crate::nix::signature::SignatureError;
-use crate::nix::{NarInfo, StorePath, TrustedKeys};
+use crate::fetch::Fetch;
+use crate::nix::StorePath;
+use crate::substituter::{Resolver, SubstituteError};
 
-/// Largest narinfo accepted.
-const MAX_NARINFO: u64 = 1 << 20;
 /// The lock file serialising publishers of one environment.
 pub const PUBLISH_LOCK: &str = ".publish.lock";
 
@@ -53,37 +49,9 @@ pub enum PublishError {
     },
     #[error("invalid --env {value:?}: {reason}")]
     BadEnv { value: String, reason: String },
-    #[error("{path}: not found in any substituter ({caches})")]
-    NotInCache { path: StorePath, caches: String },
-    #[error("{path}: no substituters configured")]
-    NoSubstituters { path: StorePath },
-    #[error("{path}: {source}")]
-    Fetch {
-        path: StorePath,
-        #[source]
-        source: Box<FetchError>,
-    },
-    #[error("{path}: bad narinfo {url}: {source}")]
-    BadNarInfo {
-        path: StorePath,
-        url: Box<Url>,
-        #[source]
-        source: Box<NarInfoError>,
-    },
-    #[error("{path}: narinfo {url} describes {found}")]
-    WrongNarInfo {
-        path: StorePath,
-        url: Box<Url>,
-        found: Box<StorePath>,
-    },
-    #[error("{path}: {source}")]
-    Signature {
-        path: StorePath,
-        #[source]
-        source: Box<SignatureError>,
-    },
-    #[error("trusted-public-keys: {0}")]
-    Keys(SignatureError),
+    /// A path of the closure is not available (or not acceptable) from the substituters.
+    #[error(transparent)]
+    Unavailable(#[from] SubstituteError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -161,98 +129,16 @@ pub fn parse_env_assignment(value: &str) -> Result<(String, String), PublishErro
     Ok((k.to_owned(), v.to_owned()))
 }
 
-/// Checks that the closure of `roots` is available from `cfg.substituters` (narinfos present,
-/// describing their paths, signed by a trusted key unless `require-sigs = false`), without
-/// downloading any NAR. Returns the closure, sorted.
+/// Checks that the closure of `roots` is available from the configured substituters: every
+/// narinfo fetched, describing its path and signed by a trusted key (unless `require-sigs =
+/// false`), as the substituter does before a download; no NAR is fetched. Returns the closure.
 pub async fn check_available<F: Fetch>(
     cfg: &Config,
     fetch: &F,
     roots: &[StorePath],
 ) -> Result<Vec<StorePath>, PublishError> {
-    let keys = TrustedKeys::from_strs(&cfg.trusted_public_keys).map_err(PublishError::Keys)?;
-    let caches: Vec<Url> = cfg.substituters.iter().map(catalog::as_directory).collect();
-    let retry = RetryPolicy::with_attempts(cfg.download_attempts);
-    let limit = cfg.http_connections.max(1);
-    let lookup = |path: StorePath| {
-        let (caches, keys) = (&caches, &keys);
-        async move {
-            if caches.is_empty() {
-                return Err(PublishError::NoSubstituters { path });
-            }
-            let name = format!("{}.narinfo", path.hash_str());
-            for cache in caches {
-                let url = cache.join(&name).map_err(|e| PublishError::BadCatalog {
-                    value: cache.to_string(),
-                    reason: e.to_string(),
-                })?;
-                let got = retry
-                    .run(
-                        |_| fetch.get_bytes(&url, MAX_NARINFO),
-                        FetchError::is_retryable,
-                    )
-                    .await;
-                let bytes = match got {
-                    Ok(b) => b,
-                    Err(FetchError::NotFound { .. }) => continue,
-                    Err(source) => {
-                        return Err(PublishError::Fetch {
-                            path,
-                            source: Box::new(source),
-                        })
-                    }
-                };
-                let info = NarInfo::parse(&String::from_utf8_lossy(&bytes)).map_err(|source| {
-                    PublishError::BadNarInfo {
-                        path: path.clone(),
-                        url: Box::new(url.clone()),
-                        source: Box::new(source),
-                    }
-                })?;
-                if info.store_path != path {
-                    return Err(PublishError::WrongNarInfo {
-                        path,
-                        url: Box::new(url),
-                        found: Box::new(info.store_path),
-                    });
-                }
-                if cfg.require_sigs {
-                    keys.verify(&info)
-                        .map_err(|source| PublishError::Signature {
-                            path: path.clone(),
-                            source: Box::new(source),
-                        })?;
-                }
-                tracing::debug!(%path, %url, "available");
-                return Ok(info.references);
-            }
-            Err(PublishError::NotInCache {
-                path,
-                caches: caches
-                    .iter()
-                    .map(Url::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-        }
-    };
-    let mut seen: HashSet<StorePath> = HashSet::new();
-    let mut queue: Vec<StorePath> = roots.to_vec();
-    let mut pending = FuturesUnordered::new();
-    loop {
-        while pending.len() < limit {
-            let Some(p) = queue.pop() else { break };
-            if seen.insert(p.clone()) {
-                pending.push(lookup(p));
-            }
-        }
-        match pending.next().await {
-            None => break,
-            Some(refs) => queue.extend(refs?.into_iter().filter(|r| !seen.contains(r))),
-        }
-    }
-    let mut closure: Vec<StorePath> = seen.into_iter().collect();
-    closure.sort();
-    Ok(closure)
+    let resolver = Resolver::new(cfg)?;
+    Ok(resolver.closure(fetch, roots, cfg.http_connections).await?)
 }
 
 /// What [`write_generation`] did.

@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod progress;
+pub mod resolve;
 mod stream;
 
 #[cfg(test)]
@@ -36,27 +37,25 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, Notify, OnceCell, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use url::Url;
 
 pub use error::SubstituteError;
 pub use progress::{NoProgress, Progress};
+pub use resolve::Resolver;
 
 use crate::config::Config;
 use crate::fetch::http::HttpFetcher;
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 use crate::nix::nar::NarLimits;
-use crate::nix::{NarInfo, StorePath, TrustedKeys, STORE_DIR};
+use crate::nix::{NarInfo, StorePath};
 use crate::store::{Closure, PathInfo, PathLock, Staging, Store};
 
 /// How often to retry a store lock another process holds.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Largest accepted `.narinfo` or `nix-cache-info`.
-const MAX_NARINFO: u64 = 1 << 20;
 
 /// Materialises the closure of `roots` into the store under `cfg.state_dir`, fetching
 /// missing paths from `cfg.substituters`; returns the closure (sorted, with references).
@@ -107,21 +106,11 @@ pub fn local_closure(
         })
 }
 
-struct Cache {
-    /// Base URL, with a trailing slash so that `join` appends.
-    url: Url,
-    /// Result of checking `nix-cache-info`, once.
-    checked: OnceCell<Result<(), String>>,
-}
-
 /// A substituter over some [`Fetch`] transport.
 pub struct Substituter<F: Fetch> {
     fetch: F,
-    caches: Vec<Cache>,
-    keys: TrustedKeys,
-    require_sigs: bool,
+    resolver: Resolver,
     store: Arc<Store>,
-    retry: RetryPolicy,
     requests: usize,
     downloads: usize,
     limits: NarLimits,
@@ -176,34 +165,14 @@ enum Event {
     Installed(Result<(), SubstituteError>),
 }
 
-fn with_slash(mut u: Url) -> Url {
-    if !u.path().ends_with('/') {
-        let p = format!("{}/", u.path());
-        u.set_path(&p);
-    }
-    u
-}
-
 impl<F: Fetch> Substituter<F> {
     /// A substituter for `cfg`'s caches, keys and limits, over `fetch`, into `store`.
     pub fn new(cfg: &Config, fetch: F, store: Arc<Store>) -> Result<Self, SubstituteError> {
-        let keys =
-            TrustedKeys::from_strs(&cfg.trusted_public_keys).map_err(SubstituteError::Keys)?;
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Substituter {
             fetch,
-            caches: cfg
-                .substituters
-                .iter()
-                .map(|u| Cache {
-                    url: with_slash(u.clone()),
-                    checked: OnceCell::new(),
-                })
-                .collect(),
-            keys,
-            require_sigs: cfg.require_sigs,
+            resolver: Resolver::new(cfg)?,
             store,
-            retry: RetryPolicy::with_attempts(cfg.download_attempts),
             requests: cfg.http_connections.max(1),
             // Each download decompresses on its own thread; a few per core keep the
             // network busy without holding many decoder windows in memory.
@@ -214,7 +183,7 @@ impl<F: Fetch> Substituter<F> {
 
     /// Replaces the retry policy (tests use short delays).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
+        self.resolver.retry = retry;
         self
     }
 
@@ -263,7 +232,9 @@ impl<F: Fetch> Substituter<F> {
                         refs.insert(p, info.references);
                     }
                     Ok(None) => {
-                        let fut = self.resolve(p.clone(), &state.requests);
+                        let fut = self
+                            .resolver
+                            .resolve(&self.fetch, p.clone(), &state.requests);
                         pending.push(
                             async move {
                                 let r = tokio::select! {
@@ -316,123 +287,6 @@ impl<F: Fetch> Substituter<F> {
         match first_err {
             Some(e) => Err(e),
             None => Ok(Closure::from_references(refs)),
-        }
-    }
-
-    /// Checks a cache's `nix-cache-info` once: its `StoreDir` must be `/nix/store`. A cache
-    /// without the file is accepted (its narinfos name their paths anyway).
-    async fn check_cache(&self, cache: &Cache) -> Result<(), String> {
-        cache
-            .checked
-            .get_or_init(|| async {
-                let url = cache
-                    .url
-                    .join("nix-cache-info")
-                    .map_err(|e| e.to_string())?;
-                let got = self
-                    .retry
-                    .run(
-                        |_| self.fetch.get_bytes(&url, MAX_NARINFO),
-                        FetchError::is_retryable,
-                    )
-                    .await;
-                let text = match got {
-                    Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-                    Err(FetchError::NotFound { .. }) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
-                };
-                for line in text.lines() {
-                    if let Some(dir) = line.strip_prefix("StoreDir:") {
-                        let dir = dir.trim();
-                        if dir != STORE_DIR {
-                            return Err(format!("store directory is {dir}, not {STORE_DIR}"));
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .clone()
-    }
-
-    /// Finds, checks and verifies the narinfo of `path`; returns it with its cache's URL.
-    async fn resolve(
-        &self,
-        path: StorePath,
-        requests: &Semaphore,
-    ) -> Result<(NarInfo, Url), SubstituteError> {
-        {
-            if self.caches.is_empty() {
-                return Err(SubstituteError::NoSubstituters { path });
-            }
-            let name = format!("{}.narinfo", path.hash_str());
-            for cache in &self.caches {
-                self.check_cache(cache)
-                    .await
-                    .map_err(|message| SubstituteError::BadCache {
-                        path: path.clone(),
-                        cache: Box::new(cache.url.clone()),
-                        message,
-                    })?;
-                let url = cache
-                    .url
-                    .join(&name)
-                    .map_err(|e| SubstituteError::BadCache {
-                        path: path.clone(),
-                        cache: Box::new(cache.url.clone()),
-                        message: e.to_string(),
-                    })?;
-                let got = {
-                    let _permit = requests.acquire().await;
-                    self.retry
-                        .run(
-                            |_| self.fetch.get_bytes(&url, MAX_NARINFO),
-                            FetchError::is_retryable,
-                        )
-                        .instrument(tracing::debug_span!("narinfo", %url))
-                        .await
-                };
-                let bytes = match got {
-                    Ok(b) => b,
-                    Err(FetchError::NotFound { .. }) => {
-                        tracing::debug!(%path, %url, "not in this substituter");
-                        continue;
-                    }
-                    Err(source) => {
-                        return Err(SubstituteError::Fetch {
-                            path,
-                            source: Box::new(source),
-                        })
-                    }
-                };
-                let text = String::from_utf8_lossy(&bytes);
-                let info = NarInfo::parse(&text).map_err(|source| SubstituteError::BadNarInfo {
-                    path: path.clone(),
-                    url: Box::new(url.clone()),
-                    source: Box::new(source),
-                })?;
-                if info.store_path != path {
-                    return Err(SubstituteError::WrongNarInfo {
-                        path,
-                        url: Box::new(url),
-                        found: Box::new(info.store_path),
-                    });
-                }
-                if self.require_sigs {
-                    self.keys
-                        .verify(&info)
-                        .map_err(|source| SubstituteError::Signature {
-                            path: path.clone(),
-                            source: Box::new(source),
-                        })?;
-                }
-                tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
-                return Ok((info, cache.url.clone()));
-            }
-            Err(SubstituteError::NotFound {
-                path,
-                caches: self.caches.iter().map(|c| c.url.clone()).collect(),
-            })
         }
     }
 
@@ -499,6 +353,7 @@ impl<F: Fetch> Substituter<F> {
         let span = tracing::info_span!("nar", %path, %url);
         let path_ref = &path;
         let (staging, pinfo) = self
+            .resolver
             .retry
             .run(
                 |attempt| {

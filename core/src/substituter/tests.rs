@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::resolve::with_slash;
 use super::*;
 use crate::fetch::Body;
 use crate::nix::hash::NarHash;

@@ -1,0 +1,216 @@
+//! Finding and verifying narinfos: the substituters in order (a 404 moves on to the next),
+//! each cache's `nix-cache-info` checked once (`StoreDir: /nix/store`), the narinfo
+//! describing the requested path and signed by a trusted key (unless `require-sigs = false`).
+//! Used by [`Substituter`](super::Substituter) before each download, and by publishing, which
+//! checks that a closure is available without downloading it ([`Resolver::closure`]).
+
+use std::collections::HashSet;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{OnceCell, Semaphore};
+use tracing::Instrument;
+use url::Url;
+
+use super::error::SubstituteError;
+use crate::config::Config;
+use crate::fetch::retry::RetryPolicy;
+use crate::fetch::{Fetch, FetchError};
+use crate::nix::{NarInfo, StorePath, TrustedKeys, STORE_DIR};
+
+/// Largest accepted `.narinfo` or `nix-cache-info`.
+const MAX_NARINFO: u64 = 1 << 20;
+
+/// One substituter.
+struct Cache {
+    /// Base URL, with a trailing slash so that `join` appends.
+    url: Url,
+    /// Result of checking `nix-cache-info`, once.
+    checked: OnceCell<Result<(), String>>,
+}
+
+/// The configured caches and keys, and how to ask them.
+pub struct Resolver {
+    caches: Vec<Cache>,
+    keys: TrustedKeys,
+    require_sigs: bool,
+    pub(crate) retry: RetryPolicy,
+}
+
+pub(crate) fn with_slash(mut u: Url) -> Url {
+    if !u.path().ends_with('/') {
+        let p = format!("{}/", u.path());
+        u.set_path(&p);
+    }
+    u
+}
+
+impl Resolver {
+    /// A resolver for `cfg`'s substituters, trusted keys and retry settings.
+    pub fn new(cfg: &Config) -> Result<Self, SubstituteError> {
+        let keys =
+            TrustedKeys::from_strs(&cfg.trusted_public_keys).map_err(SubstituteError::Keys)?;
+        Ok(Resolver {
+            caches: cfg
+                .substituters
+                .iter()
+                .map(|u| Cache {
+                    url: with_slash(u.clone()),
+                    checked: OnceCell::new(),
+                })
+                .collect(),
+            keys,
+            require_sigs: cfg.require_sigs,
+            retry: RetryPolicy::with_attempts(cfg.download_attempts),
+        })
+    }
+
+    /// The closure of `roots` as the caches describe it (sorted): every narinfo resolved and
+    /// verified as for a download, no NAR fetched, at most `requests` narinfo requests in
+    /// flight. The local store is not consulted.
+    pub async fn closure<F: Fetch>(
+        &self,
+        fetch: &F,
+        roots: &[StorePath],
+        requests: usize,
+    ) -> Result<Vec<StorePath>, SubstituteError> {
+        let permits = Semaphore::new(requests.max(1));
+        let mut seen: HashSet<StorePath> = HashSet::new();
+        let mut queue: Vec<StorePath> = roots.to_vec();
+        let mut pending = FuturesUnordered::new();
+        loop {
+            while let Some(p) = queue.pop() {
+                if seen.insert(p.clone()) {
+                    pending.push(self.resolve(fetch, p, &permits));
+                }
+            }
+            match pending.next().await {
+                None => break,
+                Some(resolved) => {
+                    let (info, _) = resolved?;
+                    queue.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
+                }
+            }
+        }
+        let mut closure: Vec<StorePath> = seen.into_iter().collect();
+        closure.sort();
+        Ok(closure)
+    }
+
+    /// Checks a cache's `nix-cache-info` once: its `StoreDir` must be `/nix/store`. A cache
+    /// without the file is accepted (its narinfos name their paths anyway).
+    async fn check_cache<F: Fetch>(&self, fetch: &F, cache: &Cache) -> Result<(), String> {
+        cache
+            .checked
+            .get_or_init(|| async {
+                let url = cache
+                    .url
+                    .join("nix-cache-info")
+                    .map_err(|e| e.to_string())?;
+                let got = self
+                    .retry
+                    .run(
+                        |_| fetch.get_bytes(&url, MAX_NARINFO),
+                        FetchError::is_retryable,
+                    )
+                    .await;
+                let text = match got {
+                    Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                    Err(FetchError::NotFound { .. }) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                for line in text.lines() {
+                    if let Some(dir) = line.strip_prefix("StoreDir:") {
+                        let dir = dir.trim();
+                        if dir != STORE_DIR {
+                            return Err(format!("store directory is {dir}, not {STORE_DIR}"));
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .clone()
+    }
+
+    /// Finds, checks and verifies the narinfo of `path`; returns it with its cache's URL.
+    pub(crate) async fn resolve<F: Fetch>(
+        &self,
+        fetch: &F,
+        path: StorePath,
+        requests: &Semaphore,
+    ) -> Result<(NarInfo, Url), SubstituteError> {
+        {
+            if self.caches.is_empty() {
+                return Err(SubstituteError::NoSubstituters { path });
+            }
+            let name = format!("{}.narinfo", path.hash_str());
+            for cache in &self.caches {
+                self.check_cache(fetch, cache).await.map_err(|message| {
+                    SubstituteError::BadCache {
+                        path: path.clone(),
+                        cache: Box::new(cache.url.clone()),
+                        message,
+                    }
+                })?;
+                let url = cache
+                    .url
+                    .join(&name)
+                    .map_err(|e| SubstituteError::BadCache {
+                        path: path.clone(),
+                        cache: Box::new(cache.url.clone()),
+                        message: e.to_string(),
+                    })?;
+                let got = {
+                    let _permit = requests.acquire().await;
+                    self.retry
+                        .run(
+                            |_| fetch.get_bytes(&url, MAX_NARINFO),
+                            FetchError::is_retryable,
+                        )
+                        .instrument(tracing::debug_span!("narinfo", %url))
+                        .await
+                };
+                let bytes = match got {
+                    Ok(b) => b,
+                    Err(FetchError::NotFound { .. }) => {
+                        tracing::debug!(%path, %url, "not in this substituter");
+                        continue;
+                    }
+                    Err(source) => {
+                        return Err(SubstituteError::Fetch {
+                            path,
+                            source: Box::new(source),
+                        })
+                    }
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let info = NarInfo::parse(&text).map_err(|source| SubstituteError::BadNarInfo {
+                    path: path.clone(),
+                    url: Box::new(url.clone()),
+                    source: Box::new(source),
+                })?;
+                if info.store_path != path {
+                    return Err(SubstituteError::WrongNarInfo {
+                        path,
+                        url: Box::new(url),
+                        found: Box::new(info.store_path),
+                    });
+                }
+                if self.require_sigs {
+                    self.keys
+                        .verify(&info)
+                        .map_err(|source| SubstituteError::Signature {
+                            path: path.clone(),
+                            source: Box::new(source),
+                        })?;
+                }
+                tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
+                return Ok((info, cache.url.clone()));
+            }
+            Err(SubstituteError::NotFound {
+                path,
+                caches: self.caches.iter().map(|c| c.url.clone()).collect(),
+            })
+        }
+    }
+}
