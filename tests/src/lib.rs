@@ -55,3 +55,19 @@ pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: std::time::Durati
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The host's runc, as `command -v runc` finds it (Debian: `/usr/sbin/runc`).
+pub fn host_runc() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|d: std::path::PathBuf| d.join("runc"))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .expect("runc is installed")
+}

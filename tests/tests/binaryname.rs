@@ -8,34 +8,18 @@
 //! to the binary it runs, so the pin showing up in this node's private state dir is what proves
 //! the config reached nixenv-runc.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
-use nixenv_testkit::{free_port, images, Cache, Fixtures, ServedNode};
+use nixenv_testkit::{free_port, host_runc, images, Cache, Fixtures, ServedNode};
 
 /// A binary of the `nixenv-hook` package (`nixenv-runc` needs `nixenv-hook` beside it).
 fn hook_bin(name: &str) -> PathBuf {
     nixenv_testkit::bin_path("nixenv-hook");
     nixenv_testkit::bin_path(name)
-}
-
-/// The real runc, as `command -v runc` finds it (Debian: `/usr/sbin/runc`).
-fn real_runc() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|d| d.join("runc"))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .expect("runc is installed")
 }
 
 struct Env {
@@ -47,7 +31,7 @@ struct Env {
 /// containerd with the `nixenv` handler = the runc shim running nixenv-runc.
 fn env() -> Env {
     let served = ServedNode::with(Cache::Xz, |node| {
-        node.with_config_line(&format!("runc = {:?}", real_runc().display().to_string()))
+        node.with_config_line(&format!("runc = {:?}", host_runc().display().to_string()))
     });
     let nixenv_runc = hook_bin("nixenv-runc");
     hook_bin("nixenv-hook");
