@@ -10,7 +10,7 @@ use nixenv_core::runtime::{self, Decision, Owner, OwnerKind};
 use nixenv_testkit::cache_server::CacheServer;
 use nixenv_testkit::fixtures::copy_dir;
 use nixenv_testkit::fixtures::{store_path_base, Cache, Fixtures};
-use nixenv_testkit::{Fault, TestNode};
+use nixenv_testkit::{Fault, ServedNode, TestNode};
 use serde_json::Value;
 
 fn stdout(o: &Output) -> String {
@@ -22,27 +22,8 @@ fn stderr(o: &Output) -> String {
 }
 
 /// A node using the good xz cache and the fixture catalog, both over HTTP.
-struct Setup {
-    fx: &'static Fixtures,
-    cache: CacheServer,
-    catalog: CacheServer,
-    node: TestNode,
-}
-
-fn setup_http() -> Setup {
-    let fx = Fixtures::get();
-    let cache = CacheServer::serve(fx.cache(Cache::Xz));
-    let catalog = CacheServer::serve(&fx.catalog);
-    let node = TestNode::new()
-        .substituter(&cache.url())
-        .trusting(&fx.trusted_key.public)
-        .with_catalog(&catalog.url());
-    Setup {
-        fx,
-        cache,
-        catalog,
-        node,
-    }
+fn setup_http() -> ServedNode {
+    ServedNode::new(Cache::Xz)
 }
 
 fn config_of(node: &TestNode) -> Config {
@@ -135,7 +116,7 @@ fn read_json(path: &Path) -> Value {
 async fn prepare_bundle_rewrites_config_json_and_runc_runs_the_closure() {
     let s = setup_http();
     let cfg = config_of(&s.node);
-    let fx = s.fx;
+    let fx = Fixtures::get();
     let script = format!(
         "echo \"message=$ECHO_MESSAGE\"; echo \"path=$PATH\"; echo \"env=$NIXENV_ENVIRONMENT@$NIXENV_GENERATION\"; \
          ls /nix/store; touch /nix/store/new 2>/dev/null || echo store-ro; \
@@ -279,7 +260,7 @@ async fn bundles_that_are_not_ours_stay_byte_identical() {
         assert_eq!(std::fs::read(&path).unwrap(), before, "{annotations:?}");
     }
     assert_eq!(s.catalog.total_requests(), 0);
-    assert_eq!(s.cache.total_requests(), 0);
+    assert_eq!(s.caches.total_requests(), 0);
     assert!(!s.node.state_dir().join("pins/plain-1.json").exists());
 }
 
@@ -305,8 +286,8 @@ async fn runtime_errors_name_the_reference_and_leave_nothing() {
             "acme/missing-path",
             format!(
                 "acme/missing-path: {}: not found in any substituter ({}/)",
-                s.fx.missing_path(),
-                s.cache.url()
+                Fixtures::get().missing_path(),
+                s.caches.url()
             ),
         ),
     ] {
@@ -367,7 +348,7 @@ fn closure_lines(paths: &[String]) -> String {
 #[test]
 fn pull_current_and_pinned_generations_over_http_and_file() {
     let s = setup_http();
-    let fx = s.fx;
+    let fx = Fixtures::get();
     let echo = closure_lines(fx.echoserver_closure());
     assert_eq!(ok(&s.node, &["pull", "acme/echoserver"]), echo);
     assert_eq!(ok(&s.node, &["pull", "acme/echoserver"]), echo);
@@ -393,7 +374,7 @@ fn pull_current_and_pinned_generations_over_http_and_file() {
 
     // The same catalog as file://, on a fresh node.
     let node = TestNode::new()
-        .substituter(&s.cache.url())
+        .substituter(&s.caches.url())
         .trusting(&fx.trusted_key.public)
         .with_catalog(&format!("file://{}", fx.catalog.display()));
     assert_eq!(ok(&node, &["pull", "acme/echoserver@1"]), echo);
@@ -419,7 +400,7 @@ fn pull_current_and_pinned_generations_over_http_and_file() {
 #[test]
 fn catalog_down_with_and_without_a_cached_lock() {
     let s = setup_http();
-    let fx = s.fx;
+    let fx = Fixtures::get();
     let echo = closure_lines(fx.echoserver_closure());
     let catalog_url = s.catalog.url();
 
@@ -452,7 +433,7 @@ fn catalog_down_with_and_without_a_cached_lock() {
         "{}",
         stderr(&out)
     );
-    let Setup { catalog, node, .. } = s;
+    let ServedNode { catalog, node, .. } = s;
     drop(catalog);
     assert_eq!(ok(&node, &["pull", "acme/echoserver"]), echo);
 
@@ -541,13 +522,13 @@ fn malformed_locks_newer_schemas_and_missing_systems_are_refused() {
 #[test]
 fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
     let s = setup_http();
-    let missing = s.fx.missing_path();
+    let missing = Fixtures::get().missing_path();
     let e = fails(&s.node, &["pull", "acme/missing-path"]);
     assert_eq!(
         e,
         format!(
             "nixenv: acme/missing-path: {missing}: not found in any substituter ({}/)",
-            s.cache.url()
+            s.caches.url()
         )
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -558,7 +539,7 @@ fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
             "--catalog",
             tmp.path().to_str().unwrap(),
             "acme/new",
-            &s.fx.busybox,
+            &Fixtures::get().busybox,
             missing,
         ],
     );
@@ -566,7 +547,7 @@ fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
         e,
         format!(
             "nixenv: acme/new: {missing}: not found in any substituter ({}/)",
-            s.cache.url()
+            s.caches.url()
         )
     );
     assert_eq!(
@@ -576,11 +557,11 @@ fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
     );
 
     // A closure whose dependency is unsigned is refused too, naming that dependency.
-    let untrusted = CacheServer::serve(s.fx.cache(Cache::Untrusted));
+    let untrusted = CacheServer::serve(Fixtures::get().cache(Cache::Untrusted));
     let node = TestNode::new()
         .substituter(&untrusted.url())
-        .trusting(&s.fx.trusted_key.public);
-    let victim = s.fx.victim(Cache::Untrusted).unwrap();
+        .trusting(&Fixtures::get().trusted_key.public);
+    let victim = Fixtures::get().victim(Cache::Untrusted).unwrap();
     let e = fails(
         &node,
         &[
@@ -588,7 +569,7 @@ fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
             "--catalog",
             tmp.path().to_str().unwrap(),
             "acme/new",
-            &s.fx.echoserver,
+            &Fixtures::get().echoserver,
         ],
     );
     assert!(
@@ -609,7 +590,7 @@ fn a_path_no_cache_holds_fails_pull_and_publish_naming_it() {
             "--catalog",
             &s.catalog.url(),
             "acme/new",
-            &s.fx.busybox,
+            &Fixtures::get().busybox,
         ],
     );
     assert_eq!(

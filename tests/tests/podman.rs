@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nixenv_testkit::fixtures::{echo, store_path_base, EchoReply};
-use nixenv_testkit::podman::{free_port, Podman};
-use nixenv_testkit::{Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::podman::Podman;
+use nixenv_testkit::{free_port, Cache, Fixtures, ServedNode, TestNode};
 
 const REAL_RUNC: &str = "/usr/sbin/runc";
 
@@ -54,27 +54,9 @@ fn hooks_dir(dir: &Path, node: &TestNode, names: &[&str]) -> PathBuf {
     hooks
 }
 
-struct Env {
-    _caches: CacheServer,
-    _catalog: CacheServer,
-    node: TestNode,
-    fx: &'static Fixtures,
-}
-
-fn env() -> Env {
-    let fx = Fixtures::get();
-    let caches = CacheServer::serve(fx.cache(Cache::Zstd));
-    let catalog = CacheServer::serve(&fx.catalog);
-    let node = TestNode::new()
-        .substituter(&caches.url())
-        .trusting(&fx.trusted_key.public)
-        .with_catalog(&catalog.url());
-    Env {
-        _caches: caches,
-        _catalog: catalog,
-        node,
-        fx,
-    }
+/// The zstd fixture cache and the catalog over HTTP, and a node using them.
+fn env() -> ServedNode {
+    ServedNode::new(Cache::Zstd)
 }
 
 fn unique(prefix: &str) -> String {
@@ -195,7 +177,7 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
     assert!(out.status.success(), "podman run: {}", stderr(&out));
     let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
         .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
-    assert_echoserver_env(&reply, e.fx);
+    assert_echoserver_env(&reply, Fixtures::get());
 
     let id = container_id(&podman, &name);
     assert!(
@@ -209,7 +191,7 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
         "podman rm unpins"
     );
     // The store keeps the paths for the next container.
-    for p in e.fx.echoserver_closure() {
+    for p in Fixtures::get().echoserver_closure() {
         assert!(e.node.store_dir().join(store_path_base(p)).exists(), "{p}");
     }
 }
@@ -241,7 +223,7 @@ fn precreate_hook_with_stock_runc_gives_the_same_result() {
     assert!(out.status.success(), "podman run: {}", stderr(&out));
     let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
         .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
-    assert_echoserver_env(&reply, e.fx);
+    assert_echoserver_env(&reply, Fixtures::get());
 
     let root = podman
         .ok(&[
@@ -277,7 +259,7 @@ fn prestart_hook_mounts_the_closure_read_only() {
     podman.import_empty_image().unwrap();
     let (name, port) = (unique("prestart"), free_port());
     // Minimal mode: no env, no PATH from nixenv; the command is an absolute store path.
-    let server = format!("{}/bin/echoserver", e.fx.echoserver);
+    let server = format!("{}/bin/echoserver", Fixtures::get().echoserver);
     let out = podman.run(
         &[
             "-d",
@@ -293,11 +275,11 @@ fn prestart_hook_mounts_the_closure_read_only() {
     assert!(out.status.success(), "podman run: {}", stderr(&out));
     let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
         .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
-    let want: Vec<String> =
-        e.fx.echoserver_closure()
-            .iter()
-            .map(|p| store_path_base(p).to_owned())
-            .collect();
+    let want: Vec<String> = Fixtures::get()
+        .echoserver_closure()
+        .iter()
+        .map(|p| store_path_base(p).to_owned())
+        .collect();
     assert_eq!(
         reply.store.as_ref(),
         Some(&want),
@@ -306,9 +288,9 @@ fn prestart_hook_mounts_the_closure_read_only() {
     assert_eq!(reply.message, None, "a hook cannot set env");
 
     // Read-only: even root in the container cannot write into the store.
-    let touch = format!("{}/bin/touch", e.fx.busybox);
+    let touch = format!("{}/bin/touch", Fixtures::get().busybox);
     for target in [
-        format!("{}/new", e.fx.echoserver),
+        format!("{}/new", Fixtures::get().echoserver),
         "/nix/store/new".to_owned(),
     ] {
         let out = podman.output(&["exec", &name, &touch, &target]);
