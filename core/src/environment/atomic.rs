@@ -55,11 +55,7 @@ fn parent_of(path: &Path) -> &Path {
 
 /// Replaces `path` with `bytes` atomically (mode `mode`).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(path, bytes, mode)?;
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+    write_replace(path, bytes, mode)?;
     sync_dir(parent_of(path))
 }
 

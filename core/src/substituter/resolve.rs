@@ -139,78 +139,76 @@ impl Resolver {
         path: StorePath,
         requests: &Semaphore,
     ) -> Result<(NarInfo, Url), SubstituteError> {
-        {
-            if self.caches.is_empty() {
-                return Err(SubstituteError::NoSubstituters { path });
-            }
-            let name = format!("{}.narinfo", path.hash_str());
-            for cache in &self.caches {
-                self.check_cache(fetch, cache).await.map_err(|message| {
-                    SubstituteError::BadCache {
-                        path: path.clone(),
-                        cache: Box::new(cache.url.clone()),
-                        message,
-                    }
-                })?;
-                let url = cache
-                    .url
-                    .join(&name)
-                    .map_err(|e| SubstituteError::BadCache {
-                        path: path.clone(),
-                        cache: Box::new(cache.url.clone()),
-                        message: e.to_string(),
-                    })?;
-                let got = {
-                    let _permit = requests.acquire().await;
-                    self.retry
-                        .run(
-                            |_| fetch.get_bytes(&url, MAX_NARINFO),
-                            FetchError::is_retryable,
-                        )
-                        .instrument(tracing::debug_span!("narinfo", %url))
-                        .await
-                };
-                let bytes = match got {
-                    Ok(b) => b,
-                    Err(FetchError::NotFound { .. }) => {
-                        tracing::debug!(%path, %url, "not in this substituter");
-                        continue;
-                    }
-                    Err(source) => {
-                        return Err(SubstituteError::Fetch {
-                            path,
-                            source: Box::new(source),
-                        })
-                    }
-                };
-                let text = String::from_utf8_lossy(&bytes);
-                let info = NarInfo::parse(&text).map_err(|source| SubstituteError::BadNarInfo {
-                    path: path.clone(),
-                    url: Box::new(url.clone()),
-                    source: Box::new(source),
-                })?;
-                if info.store_path != path {
-                    return Err(SubstituteError::WrongNarInfo {
-                        path,
-                        url: Box::new(url),
-                        found: Box::new(info.store_path),
-                    });
-                }
-                if self.require_sigs {
-                    self.keys
-                        .verify(&info)
-                        .map_err(|source| SubstituteError::Signature {
-                            path: path.clone(),
-                            source: Box::new(source),
-                        })?;
-                }
-                tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
-                return Ok((info, cache.url.clone()));
-            }
-            Err(SubstituteError::NotFound {
-                path,
-                caches: self.caches.iter().map(|c| c.url.clone()).collect(),
-            })
+        if self.caches.is_empty() {
+            return Err(SubstituteError::NoSubstituters { path });
         }
+        let name = format!("{}.narinfo", path.hash_str());
+        for cache in &self.caches {
+            self.check_cache(fetch, cache)
+                .await
+                .map_err(|message| SubstituteError::BadCache {
+                    path: path.clone(),
+                    cache: Box::new(cache.url.clone()),
+                    message,
+                })?;
+            let url = cache
+                .url
+                .join(&name)
+                .map_err(|e| SubstituteError::BadCache {
+                    path: path.clone(),
+                    cache: Box::new(cache.url.clone()),
+                    message: e.to_string(),
+                })?;
+            let got = {
+                let _permit = requests.acquire().await;
+                self.retry
+                    .run(
+                        |_| fetch.get_bytes(&url, MAX_NARINFO),
+                        FetchError::is_retryable,
+                    )
+                    .instrument(tracing::debug_span!("narinfo", %url))
+                    .await
+            };
+            let bytes = match got {
+                Ok(b) => b,
+                Err(FetchError::NotFound { .. }) => {
+                    tracing::debug!(%path, %url, "not in this substituter");
+                    continue;
+                }
+                Err(source) => {
+                    return Err(SubstituteError::Fetch {
+                        path,
+                        source: Box::new(source),
+                    })
+                }
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let info = NarInfo::parse(&text).map_err(|source| SubstituteError::BadNarInfo {
+                path: path.clone(),
+                url: Box::new(url.clone()),
+                source: Box::new(source),
+            })?;
+            if info.store_path != path {
+                return Err(SubstituteError::WrongNarInfo {
+                    path,
+                    url: Box::new(url),
+                    found: Box::new(info.store_path),
+                });
+            }
+            if self.require_sigs {
+                self.keys
+                    .verify(&info)
+                    .map_err(|source| SubstituteError::Signature {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+            tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
+            return Ok((info, cache.url.clone()));
+        }
+        Err(SubstituteError::NotFound {
+            path,
+            caches: self.caches.iter().map(|c| c.url.clone()).collect(),
+        })
     }
 }
