@@ -7,7 +7,8 @@
 # Environment: PODS (running pods per handler, default 4), SETTLE_SECS (wait before reading
 # /proc, default 15: tokio's idle blocking threads exit after 10 s), PLAIN=1 (the nixenv pods
 # carry no annotation: what preparing a closure adds), DETAIL=1 (RSS by mapping of one shim of
-# each kind). Release binaries are built into $CARGO_TARGET_DIR (default: the workspace's
+# each kind). The binaries are built as shipped (bench/shipped-bins: release, and the static
+# size-optimised shim of packaging/build-shim) into $CARGO_TARGET_DIR (default: the workspace's
 # target dir). Needs root, containerd 1.6, runc and Nix (the fixture closures).
 #
 # What is measured (tests/src/bin/nixenv-bench-memory.rs): PODS mission pods on the nixenv
@@ -21,9 +22,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 [ "$(id -u)" = 0 ] || { echo "bench/shim-memory.sh: run as root (containerd, runc)" >&2; exit 1; }
 export SETTLE_SECS=${SETTLE_SECS:-15}
-target=${CARGO_TARGET_DIR:-$repo/target}
-echo "== building release binaries" >&2
-(cd "$repo" && cargo build --quiet --release -p containerd-shim-nixenv-v2 -p nixenv-testkit \
-    --bin containerd-shim-nixenv-v2 --bin nixenv-bench-memory)
+echo "== building the binaries as shipped (release; the shim by packaging/build-shim)" >&2
+bin=$("$here/shipped-bins" nixenv nixenv-bench-memory)
 echo "== machine: $(nproc) cores, $(uptime | sed 's/.*load/load/')" >&2
-NIXENV_TEST_BIN_DIR="$target/release" "$target/release/nixenv-bench-memory"
+NIXENV_TEST_BIN_DIR="$bin" "$bin/nixenv-bench-memory"

@@ -8,9 +8,9 @@
 # the shims' debug flag; default info), BIG=0 (skip the 1,000-path variant),
 # NIXENV_BENCH_STRACE=DIR (profiling only: `strace -f -tt -T` of each pod's shim into DIR,
 # attached after RunPodSandbox; slows the traced runs), NIXENV_KEEP_CONTAINERD=1 (keep
-# containerd's dir and log, which holds the shims' logs). Release binaries
-# (containerd-shim-nixenv-v2, nixenv, nixenv-bench-start) are built into $CARGO_TARGET_DIR
-# (default: the workspace's target dir). Needs root, containerd 1.6, runc and Nix.
+# containerd's dir and log, which holds the shims' logs). The binaries are built
+# as shipped (bench/shipped-bins: release, and the static size-optimised shim of
+# packaging/build-shim) into $CARGO_TARGET_DIR (default: the workspace's target dir). Needs root, containerd 1.6, runc and Nix.
 #
 # What is measured (tests/src/bin/nixenv-bench-start.rs), per sample: RunPodSandbox (host
 # network) first, timed separately; then **CreateContainer + StartContainer + HTTP GET / retried
@@ -38,10 +38,8 @@ log() { echo "== $*" >&2; }
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 
-target=${CARGO_TARGET_DIR:-$repo/target}
-log "building release binaries"
-(cd "$repo" && cargo build --quiet --release -p containerd-shim-nixenv-v2 -p nixenv-cli \
-    -p nixenv-testkit --bin containerd-shim-nixenv-v2 --bin nixenv --bin nixenv-bench-start)
+log "building the binaries as shipped (release; the shim by packaging/build-shim)"
+bin=$("$here/shipped-bins" nixenv nixenv-bench-start)
 
 if [ "$BIG" != 0 ]; then
     # The 1,001-path small closure of bench/closure.nix (the same as bench/pull.sh's), signed
@@ -63,4 +61,4 @@ fi
 
 log "machine: $(nproc) cores, $(uptime | sed 's/.*load/load/')"
 # The binaries just built, as they are (no staleness rebuild while others edit the tree).
-NIXENV_TEST_BIN_DIR="$target/release" "$target/release/nixenv-bench-start"
+NIXENV_TEST_BIN_DIR="$bin" "$bin/nixenv-bench-start"

@@ -177,6 +177,13 @@ pub fn wanted(annotations: &HashMap<String, String>) -> Option<&str> {
     Some(value.as_str())
 }
 
+/// The environment `<bundle>/config.json` asks for, if its container is nixenv's; `None` when
+/// it is not, or config.json cannot be read (the runtime will say why).
+pub fn bundle_wants(bundle: &Path) -> Option<String> {
+    let config = BundleConfig::read(bundle).ok()?;
+    wanted(&config.annotations()).map(str::to_owned)
+}
+
 /// Whether `path` has a `bin/` (a directory, or a symlink as in profiles) in the node store.
 pub fn store_has_bin(store_dir: &Path, path: &StorePath) -> bool {
     std::fs::symlink_metadata(store_dir.join(path.base_name()).join("bin"))

@@ -7,6 +7,7 @@
 //! - [`exec`]: finding and starting the real runc (the process edge);
 //! - [`wrapper`]: the nixenv-runc flow;
 //! - [`hook`]: the hook stages;
+//! - [`shim`]: the containerd shim's preparing process (`shim-prepare`, `shim-release`);
 //! - [`prestart`]: mounting a closure into a container's mount namespace (the syscall edge);
 //! - [`node`]: the core library on this node.
 
@@ -16,6 +17,7 @@ pub mod hook;
 pub mod node;
 pub mod prestart;
 pub mod runc_log;
+pub mod shim;
 pub mod wrapper;
 
 /// [`wrapper::Locate`] through `$NIXENV_RUNC` and PATH.

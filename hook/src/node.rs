@@ -20,6 +20,17 @@ pub enum NodeError {
     Runtime(#[from] RuntimeError),
     #[error("cannot start the async runtime: {0}")]
     Tokio(#[source] std::io::Error),
+    #[error("cannot watch for {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{container}: preparation abandoned on {signal}")]
+    Cancelled {
+        container: String,
+        signal: &'static str,
+    },
 }
 
 /// The node's core, with a lazily loaded configuration.
@@ -53,6 +64,72 @@ impl Node {
             .build()
             .map_err(NodeError::Tokio)?;
         Ok(rt.block_on(fut))
+    }
+
+    /// [`Node::block_on`], abandoned (the future dropped, which undoes its work) on SIGTERM
+    /// or SIGINT.
+    fn block_on_until_signal<F: std::future::Future>(
+        container: &str,
+        fut: F,
+    ) -> Result<F::Output, NodeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self::block_on(async {
+            let watch = |kind, name| {
+                signal(kind).map_err(|source| NodeError::Signal {
+                    signal: name,
+                    source,
+                })
+            };
+            let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+            let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+            let cancelled = |signal| NodeError::Cancelled {
+                container: container.to_owned(),
+                signal,
+            };
+            tokio::select! {
+                out = fut => Ok(out),
+                _ = term.recv() => Err(cancelled("SIGTERM")),
+                _ = int.recv() => Err(cancelled("SIGINT")),
+            }
+        })?
+    }
+}
+
+impl crate::shim::ShimCore for Node {
+    type Error = NodeError;
+
+    fn prepare(
+        &mut self,
+        req: &crate::shim::PrepareRequest,
+    ) -> Result<(Decision, Option<PathBuf>), NodeError> {
+        let cfg = match self.config() {
+            Ok(cfg) => cfg.clone(),
+            // Without a configuration the shim still runs the containers nixenv leaves alone.
+            Err(e) => match runtime::bundle_wants(&req.bundle) {
+                Some(_) => return Err(e),
+                None => {
+                    tracing::debug!(error = %e, "no usable nixenv config; plain containers only");
+                    return Ok((Decision::PassThrough, None));
+                }
+            },
+        };
+        let owner = Owner {
+            kind: OwnerKind::Shim,
+            runtime_root: req.runtime_root.clone(),
+            bundle: std::path::absolute(&req.bundle).ok(),
+            namespace: req.namespace.clone(),
+        };
+        let decision = Self::block_on_until_signal(
+            &req.id,
+            runtime::prepare_bundle_as(&cfg, &req.id, &req.bundle, &owner),
+        )??;
+        Ok((decision, cfg.runc.clone()))
+    }
+
+    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, NodeError> {
+        let cfg = self.config()?;
+        runtime::release(cfg, id)?;
+        Ok(cfg.runc.clone())
     }
 }
 

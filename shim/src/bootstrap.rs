@@ -20,6 +20,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, Task};
 
 use crate::events::{timestamp, Events};
+use crate::helper::{Direct, Helper};
 use crate::service::Service;
 
 /// The runtime name containerd knows this shim by.
@@ -200,11 +201,19 @@ async fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     } else {
         PathBuf::from(&flags.bundle)
     };
-    let cfg = nixenv_core::config::Config::load().ok();
-    let runc = cfg
-        .as_ref()
-        .and_then(|c| c.runc.clone())
-        .unwrap_or_else(|| PathBuf::from("runc"));
+    // The helper drops the pin and says which runc the config names.
+    let helper = Helper::beside_self(Direct);
+    let configured = match helper.release(&flags.id).await {
+        Ok(runc) => runc,
+        Err(e) => {
+            eprintln!(
+                "containerd-shim-nixenv-v2 delete {}: release: {e}",
+                flags.id
+            );
+            None
+        }
+    };
+    let runc = configured.unwrap_or_else(|| PathBuf::from("runc"));
     let root = crate::runc::default_root(&flags.namespace);
     let _ = Command::new(&runc)
         .arg("--root")
@@ -215,9 +224,6 @@ async fn delete(flags: &Flags) -> Result<(), BootstrapError> {
         .stderr(Stdio::null())
         .status();
     let _ = crate::mount::unmount_all(&bundle.join("rootfs"));
-    if let Some(cfg) = &cfg {
-        let _ = nixenv_core::runtime::release(cfg, &flags.id);
-    }
     let resp = DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,

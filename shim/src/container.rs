@@ -200,6 +200,18 @@ fn stdio_for(
     }
 }
 
+/// runc's state root for a Create: its `Root` option, else the namespace's default.
+pub fn runc_root(req: &CreateTaskRequest, ctx: &RuntimeContext) -> Result<PathBuf, ContainerError> {
+    let opts = RuntimeOptions::from_any(req.options.as_ref())?;
+    Ok(root_of(&opts, ctx))
+}
+
+fn root_of(opts: &RuntimeOptions, ctx: &RuntimeContext) -> PathBuf {
+    opts.root
+        .clone()
+        .unwrap_or_else(|| runc_client::default_root(&ctx.namespace))
+}
+
 impl Container {
     /// Mounts the rootfs and runs `runc create`; on failure nothing stays mounted or created.
     pub async fn create(
@@ -213,10 +225,7 @@ impl Container {
             (None, Some(path)) => runc_client::resolve_binary(&path.to_string_lossy())?,
             (None, None) => runc_client::resolve_binary("runc")?,
         };
-        let root = opts
-            .root
-            .clone()
-            .unwrap_or_else(|| runc_client::default_root(&ctx.namespace));
+        let root = root_of(&opts, ctx);
         let runc = runc_client::client(&binary, &root, &bundle, &opts)?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),

@@ -1,26 +1,48 @@
 //! Shim logs through `tracing` to the `log` FIFO containerd opens in the bundle directory
-//! (the shim's working directory); containerd copies it into its own log.
+//! (the shim's working directory); containerd copies it into its own log. The preparing
+//! helper ([`crate::helper`]) writes its log to the same FIFO.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
+use std::process::Stdio;
+use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+
+/// The log FIFO, for the helper's stderr.
+static LOG: OnceLock<File> = OnceLock::new();
+/// The level the shim runs at, for the helper's `RUST_LOG`.
+static LEVEL: OnceLock<Level> = OnceLock::new();
+
+/// The level: `RUST_LOG` when it is one plain level (`debug`, `info`, …), else debug with
+/// containerd's `-debug`, else info. (A level, not a filter: the shim links no regex engine.)
+fn level(debug: bool) -> Level {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(if debug { Level::DEBUG } else { Level::INFO })
+}
 
 /// Sends `tracing` output to `./log` (non-blocking, so a slow reader never stalls the shim;
-/// without a reader, to stderr). `RUST_LOG` overrides the level.
+/// without a reader, to stderr).
 pub fn init(debug: bool, id: &str) {
-    let default = if debug { "debug" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let level = level(debug);
+    let _ = LEVEL.set(level);
     let fifo = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("log");
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_ansi(false)
         .with_target(false);
     let result = match fifo {
-        Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+        Ok(file) => {
+            if let Ok(copy) = file.try_clone() {
+                let _ = LOG.set(copy);
+            }
+            builder.with_writer(std::sync::Mutex::new(file)).try_init()
+        }
         Err(_) => builder.with_writer(std::io::stderr).try_init(),
     };
     if result.is_ok() {
@@ -30,4 +52,20 @@ pub fn init(debug: bool, id: &str) {
             "containerd-shim-nixenv-v2 serving"
         );
     }
+}
+
+/// Standard error for a helper process: the log FIFO (else the shim's own stderr).
+pub fn child_stderr() -> Stdio {
+    LOG.get()
+        .and_then(|f| f.try_clone().ok())
+        .map(Stdio::from)
+        .unwrap_or_else(Stdio::inherit)
+}
+
+/// `RUST_LOG` for a helper process when the shim's environment has none.
+pub fn child_rust_log() -> Option<&'static str> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return None;
+    }
+    LEVEL.get().filter(|l| **l >= Level::DEBUG).map(|_| "debug")
 }

@@ -1,11 +1,13 @@
 //! `containerd-shim-nixenv-v2`: the containerd shim v2 of nixenv (runtime type
 //! `io.containerd.nixenv.v2`). Containers whose pod names a Nix environment get its closure
-//! mounted (through `nixenv_core::runtime`) before `runc create`; everything else runs as on
+//! mounted before `runc create` (by `nixenv-hook shim-prepare`, a process of its own, so the
+//! shim that lives as long as the pod stays small: see [`helper`]); everything else runs as on
 //! containerd's runc shim.
 
 mod bootstrap;
 mod container;
 mod events;
+mod helper;
 mod io;
 mod logging;
 mod mount;
@@ -24,8 +26,8 @@ fn main() -> ExitCode {
         let flags = containerd_shim::parse(&args[1..])?;
         // One thread for the ttrpc server, IO copies, the reaper and events: a shim lives as
         // long as its pod, so its threads and their malloc arenas are per-pod memory.
-        // Blocking work (NAR decompression and unpacking, file copies) still gets tokio's
-        // blocking pool, whose threads exit after 10 s idle.
+        // Blocking work (file copies) still gets tokio's blocking pool, whose threads exit
+        // after 10 s idle.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -1,8 +1,8 @@
 //! The Task service containerd calls (`containerd.task.v2.Task` and `v3`): one per shim,
 //! i.e. per pod. Create runs nixenv's preparation (resolve, materialise, pin, rewrite
-//! config.json) before `runc create`.
+//! config.json; in the helper process, [`crate::helper`]) before `runc create`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -21,12 +21,11 @@ use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
-use nixenv_core::config::Config;
-use nixenv_core::runtime::{self, Decision, ENVIRONMENT_ANNOTATION};
 use tokio::task::JoinHandle;
 
 use crate::container::{Container, ContainerError, EnvOverlay, RuntimeContext};
 use crate::events::{timestamp, Events};
+use crate::helper::{Helper, Preparation, PrepareArgs, Reaped, Reply};
 use crate::io::StdioPaths;
 use crate::process::{Exited, Phase, Process};
 use crate::reaper;
@@ -49,11 +48,16 @@ fn map_err(e: ContainerError) -> ttrpc::Error {
     status(code, e)
 }
 
-/// A nixenv preparation whose Create was abandoned (cancelled by its client): it runs to the
-/// end (other containers may share its paths), then its pin is dropped.
+/// A preparation whose Create was abandoned (cancelled by its client): the helper runs to
+/// the end (other containers may share its paths), then its pin is dropped.
 struct Pending {
+    /// The helper's pid (stopped with SIGTERM when the shim shuts down).
+    pid: i32,
     handle: JoinHandle<()>,
 }
+
+/// How long a shutting-down shim waits for abandoned preparations to undo their work.
+const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shim's Task service.
 #[derive(Clone)]
@@ -65,55 +69,44 @@ struct Inner {
     runtime: RuntimeContext,
     events: Events,
     exit: Arc<ExitSignal>,
+    helper: Helper<Reaped>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Containers whose closure is pinned (released on Delete).
+    pinned: Mutex<HashSet<String>>,
 }
 
-/// Drops the pin of an abandoned preparation once it finishes.
+/// Waits for a preparation; dropped while it runs (the Create was cancelled), it lets the
+/// helper finish in the background and then drops the container's pin.
 struct AbandonGuard {
-    armed: bool,
     id: String,
-    cfg: Option<Config>,
-    prepare: Option<JoinHandle<Result<Decision, String>>>,
+    preparation: Option<Preparation>,
     inner: Arc<Inner>,
 }
 
 impl Drop for AbandonGuard {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (Some(prepare), Some(cfg)) = (self.prepare.take(), self.cfg.take()) else {
+        let Some(mut preparation) = self.preparation.take() else {
             return;
         };
         let id = self.id.clone();
         tracing::warn!(%id, "create cancelled; preparation continues, then unpins");
         let inner = self.inner.clone();
+        let pid = preparation.pid;
+        let mut pending = inner.pending();
         let handle = tokio::spawn({
             let id = id.clone();
             let inner = inner.clone();
             async move {
-                let _ = prepare.await;
-                if let Err(e) = runtime::release(&cfg, &id) {
-                    tracing::warn!(%id, error = %e, "release abandoned container");
+                let reply = preparation.reply().await;
+                if !matches!(reply, Ok(Reply::PassThrough { .. })) {
+                    inner.release(&id).await;
                 }
                 inner.pending().remove(&id);
             }
         });
-        inner.pending().insert(id, Pending { handle });
+        pending.insert(id, Pending { pid, handle });
     }
-}
-
-fn annotated(bundle: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
-        return false;
-    };
-    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
-        return false;
-    };
-    spec.get("annotations")
-        .and_then(|a| a.get(ENVIRONMENT_ANNOTATION))
-        .is_some()
 }
 
 impl Inner {
@@ -123,6 +116,17 @@ impl Inner {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pinned(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops container `id`'s pin through the helper (idempotent).
+    async fn release(&self, id: &str) {
+        if let Err(e) = self.helper.release(id).await {
+            tracing::warn!(%id, error = %e, "release");
+        }
     }
 }
 
@@ -136,8 +140,10 @@ impl Service {
                 },
                 events,
                 exit,
+                helper: Helper::beside_self(Reaped),
                 containers: Mutex::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
+                pinned: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -204,53 +210,51 @@ impl Service {
         });
     }
 
-    /// Runs nixenv's preparation of the bundle in a task that outlives a cancelled Create.
-    async fn prepare(&self, id: &str, bundle: PathBuf) -> TtrpcResult<(Option<Config>, Decision)> {
-        let cfg = match Config::load() {
-            Ok(cfg) => cfg,
-            Err(e) if annotated(&bundle) => {
-                return Err(status(Code::UNKNOWN, format!("nixenv: {e}")));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "no usable nixenv config; plain containers only");
-                return Ok((None, Decision::PassThrough));
-            }
-        };
-        let task_cfg = cfg.clone();
-        let task_id = id.to_owned();
-        let prepare = tokio::spawn(async move {
-            runtime::prepare_bundle(&task_cfg, &task_id, &bundle)
-                .await
-                .map_err(|e| e.to_string())
-        });
+    /// Runs nixenv's preparation of the bundle (the helper process, which outlives a
+    /// cancelled Create): [`Reply::PassThrough`] or [`Reply::Rewritten`].
+    async fn prepare(&self, req: &CreateTaskRequest) -> TtrpcResult<Reply> {
+        let bundle = PathBuf::from(&req.bundle);
+        let runtime_root =
+            crate::container::runc_root(req, &self.inner.runtime).map_err(map_err)?;
+        let preparation = self
+            .inner
+            .helper
+            .prepare(&PrepareArgs {
+                id: &req.id,
+                bundle: &bundle,
+                namespace: &self.inner.runtime.namespace,
+                runtime_root: &runtime_root,
+            })
+            .map_err(|e| status(Code::UNKNOWN, format!("nixenv: {e}")))?;
         let mut guard = AbandonGuard {
-            armed: true,
-            id: id.to_owned(),
-            cfg: Some(cfg.clone()),
-            prepare: Some(prepare),
+            id: req.id.clone(),
+            preparation: Some(preparation),
             inner: self.inner.clone(),
         };
-        let result = match guard.prepare.as_mut() {
-            Some(handle) => handle.await,
+        let result = match guard.preparation.as_mut() {
+            Some(p) => p.reply().await,
             None => unreachable!("set above"),
         };
-        guard.armed = false;
-        match result {
-            Ok(Ok(decision)) => Ok((Some(cfg), decision)),
-            Ok(Err(message)) => Err(status(Code::UNKNOWN, format!("nixenv: {message}"))),
-            Err(join) => Err(status(
-                Code::INTERNAL,
-                format!("nixenv: preparation failed: {join}"),
-            )),
-        }
+        guard.preparation = None;
+        result.map_err(|e| status(Code::UNKNOWN, format!("nixenv: {e}")))
     }
 
-    fn shutdown_now(&self) {
+    /// Stops abandoned preparations (SIGTERM: the helper undoes its work), waits for them,
+    /// and lets the shim exit.
+    async fn shutdown_now(&self) {
         let pending: Vec<(String, Pending)> = self.inner.pending().drain().collect();
+        for (id, p) in &pending {
+            if !reaper::has_exited(p.pid) {
+                tracing::info!(%id, pid = p.pid, "stopping an abandoned preparation");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
         for (id, p) in pending {
-            p.handle.abort();
-            if let Ok(cfg) = Config::load() {
-                let _ = runtime::release(&cfg, &id);
+            if tokio::time::timeout(PENDING_GRACE, p.handle).await.is_err() {
+                tracing::warn!(%id, pid = p.pid, "abandoned preparation did not stop in time");
             }
         }
         self.inner.exit.signal();
@@ -274,25 +278,40 @@ impl Task for Service {
         tracing::info!(%id, bundle = %req.bundle, "create");
         let bundle = PathBuf::from(&req.bundle);
         let env_before = crate::container::bundle_env(&bundle);
-        let (cfg, decision) = self.prepare(&id, bundle.clone()).await?;
-        if let Decision::Rewritten(p) = &decision {
-            tracing::info!(%id, reference = %p.reference, paths = p.closure.len(), "environment prepared");
-        }
+        let (runc, rewritten) = match self.prepare(&req).await? {
+            Reply::Rewritten {
+                reference,
+                generation,
+                paths,
+                runc,
+            } => {
+                tracing::info!(%id, %reference, ?generation, paths, "environment prepared");
+                (runc, true)
+            }
+            Reply::PassThrough { runc } => (runc, false),
+            other => {
+                return Err(status(
+                    Code::INTERNAL,
+                    format!("nixenv: unexpected helper reply {other:?}"),
+                ))
+            }
+        };
         let mut runtime = self.inner.runtime.clone();
-        runtime.default_runc = cfg.as_ref().and_then(|c| c.runc.clone());
+        runtime.default_runc = runc;
         let container = match Container::create(&req, &runtime).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                if let Some(cfg) = &cfg {
-                    let _ = runtime::release(cfg, &id);
+                if rewritten {
+                    self.inner.release(&id).await;
                 }
                 tracing::warn!(%id, error = %e, "create failed");
                 return Err(map_err(e));
             }
         };
-        if let Decision::Rewritten(_) = &decision {
+        if rewritten {
             let after = crate::container::bundle_env(&bundle);
             container.set_env_overlay(EnvOverlay::between(&env_before, &after));
+            self.inner.pinned().insert(id.clone());
         }
         let pid = container.init.pid();
         self.inner
@@ -369,10 +388,8 @@ impl Task for Service {
             });
         }
         c.delete().await.map_err(map_err)?;
-        if let Ok(cfg) = Config::load() {
-            if let Err(e) = runtime::release(&cfg, &req.id) {
-                tracing::warn!(id = %req.id, error = %e, "release");
-            }
+        if self.inner.pinned().remove(&req.id) {
+            self.inner.release(&req.id).await;
         }
         self.inner.containers().remove(&req.id);
         let exit = c.init.exit().unwrap_or(Exited {
@@ -539,7 +556,7 @@ impl Task for Service {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         if self.inner.containers().is_empty() {
             tracing::info!("no containers left: shutting down");
-            self.shutdown_now();
+            self.shutdown_now().await;
         }
         Ok(Empty::new())
     }

@@ -20,7 +20,7 @@
 //! use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 //! use nixenv_testkit::images;
 //!
-//! let shim_dir = nixenv_testkit::bin_path("containerd-shim-nixenv-v2").parent().unwrap().to_path_buf();
+//! let shim_dir = nixenv_testkit::shim_bin().parent().unwrap().to_path_buf();
 //! let containerd = Containerd::builder()
 //!     .handler(RuntimeHandler::nixenv())
 //!     .handler(RuntimeHandler::runc())

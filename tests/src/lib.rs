@@ -34,7 +34,7 @@ pub mod podman;
 
 pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};
-pub use node::{bin_path, nixenv_bin, ServedNode, TestNode};
+pub use node::{bin_path, nixenv_bin, shim_bin, ServedNode, TestNode};
 
 /// A free TCP port on 127.0.0.1 (bound, then released, so a server can take it).
 pub fn free_port() -> u16 {

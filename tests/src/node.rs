@@ -69,6 +69,13 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// `containerd-shim-nixenv-v2`, with `nixenv-hook` (which prepares its containers) built next
+/// to it.
+pub fn shim_bin() -> PathBuf {
+    bin_path("nixenv-hook");
+    bin_path("containerd-shim-nixenv-v2")
+}
+
 /// The `nixenv` CLI.
 pub fn nixenv_bin() -> PathBuf {
     bin_path("nixenv")

@@ -12,16 +12,13 @@ use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
 use nixenv_testkit::{
-    bin_path, free_port, images, wait_for, Cache, Fixtures, ServedNode, TestNode,
+    free_port, images, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
 };
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;
 
 fn shim_dir() -> PathBuf {
-    bin_path("containerd-shim-nixenv-v2")
-        .parent()
-        .expect("shim dir")
-        .to_path_buf()
+    shim_bin().parent().expect("shim dir").to_path_buf()
 }
 
 /// containerd with the `nixenv` and `runc` handlers, the busybox and empty images, and

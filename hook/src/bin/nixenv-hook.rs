@@ -1,11 +1,13 @@
-//! `nixenv-hook STAGE`: the OCI hook (`precreate`, `prestart`, `createRuntime`, `poststop`).
+//! `nixenv-hook STAGE`: the OCI hook (`precreate`, `prestart`, `createRuntime`, `poststop`),
+//! nixenv-runc's second stage (`runc`) and the containerd shim's helper (`shim-prepare`,
+//! `shim-release`).
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use anyhow::bail;
 use nixenv_hook::exec::RealProcess;
-use nixenv_hook::{hook, node::Node, prestart, wrapper, EnvLocate};
+use nixenv_hook::{hook, node::Node, prestart, shim, wrapper, EnvLocate};
 
 fn stdin() -> anyhow::Result<Vec<u8>> {
     let mut buf = Vec::new();
@@ -13,6 +15,19 @@ fn stdin() -> anyhow::Result<Vec<u8>> {
         .read_to_end(&mut buf)
         .map_err(hook::HookError::Stdin)?;
     Ok(buf)
+}
+
+/// The shim stages log to stderr, which the shim points at its log, in the shim's format;
+/// `RUST_LOG` sets the level (default info).
+fn shim_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn run(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
@@ -31,6 +46,16 @@ fn run(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         s if s == wrapper::FULL_STAGE => {
             // nixenv-runc's create/run/delete (argv unchanged after the stage name).
             let code = wrapper::run(&args[1..], &mut Node::new(), &RealProcess, &EnvLocate);
+            std::process::exit(code);
+        }
+        s if s == shim::PREPARE_STAGE || s == shim::RELEASE_STAGE => {
+            shim_logging();
+            let code = shim::main(
+                s,
+                &args[1..],
+                &mut Node::new(),
+                &mut std::io::stdout().lock(),
+            );
             std::process::exit(code);
         }
         s if s == prestart::MOUNT_SUBCOMMAND => prestart::mount_main(

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::echo;
-use nixenv_testkit::{bin_path, free_port, images, Cache, ServedNode};
+use nixenv_testkit::{free_port, images, shim_bin, Cache, ServedNode};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
 
     let served = ServedNode::new(Cache::Xz);
     let node = &served.node;
-    let shim = bin_path("containerd-shim-nixenv-v2");
+    let shim = shim_bin();
     eprintln!("== shim: {}", shim.display());
     let c = Containerd::builder()
         .handler(RuntimeHandler::runc())

@@ -37,7 +37,7 @@ use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{http_get, store_path_base, EchoReply};
 use nixenv_testkit::images::{self, ImageBuilder};
-use nixenv_testkit::{bin_path, free_port, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{free_port, shim_bin, Cache, CacheServer, Fixtures, TestNode};
 
 /// The ordinary image holding the echoserver closure.
 const CLOSURE_IMAGE: &str = "docker.io/nixenv/echoserver-closure:bench";
@@ -390,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
     let image = closure_image(&closure)?;
 
     eprintln!("== starting containerd (log level {log_level})");
-    let shim = bin_path("containerd-shim-nixenv-v2");
+    let shim = shim_bin();
     let containerd = Containerd::builder()
         .handler(RuntimeHandler::nixenv())
         .handler(RuntimeHandler::runc())

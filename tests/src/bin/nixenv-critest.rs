@@ -37,7 +37,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use nixenv_testkit::containerd::{self, Containerd, RuntimeHandler};
 use nixenv_testkit::images::ImageBuilder;
-use nixenv_testkit::{bin_path, TestNode};
+use nixenv_testkit::{shim_bin, TestNode};
 
 const USAGE: &str = "usage: nixenv-critest [--critest PATH] [--handlers runc,nixenv] [--out DIR] [--focus REGEX] [--skip REGEX] [--keep] [--debug] [-- CRITEST-ARGS…]";
 
@@ -622,7 +622,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     std::fs::write(out.join("crictl.yaml"), "")?;
 
     let node = TestNode::new();
-    let shim = bin_path("containerd-shim-nixenv-v2");
+    let shim = shim_bin();
     let network = Network::new(work.path())?;
     let cni_bin = cni_bin_dir()?;
     let handlers_needed = &args.handlers;

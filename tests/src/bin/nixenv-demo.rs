@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::http_get;
-use nixenv_testkit::{bin_path, free_port, images, Cache, CacheServer, Fixtures, TestNode};
+use nixenv_testkit::{free_port, images, shim_bin, Cache, CacheServer, Fixtures, TestNode};
 
 const ENVIRONMENT: &str = "demo/echoserver";
 
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     step("starting a private containerd with the nixenv shim");
-    let shim = bin_path("containerd-shim-nixenv-v2");
+    let shim = shim_bin();
     let containerd = Containerd::builder()
         .handler(RuntimeHandler::nixenv())
         .handler(RuntimeHandler::runc())

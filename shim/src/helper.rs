@@ -1,0 +1,447 @@
+//! The preparing process: `nixenv-hook shim-prepare` and `nixenv-hook shim-release`
+//! (`hook/src/shim.rs` is the other side and documents the protocol).
+//!
+//! The shim lives as long as its pod, so the core library (catalog, HTTP, NAR unpacking, the
+//! store) is not linked into it: each Create runs one `nixenv-hook shim-prepare`, which
+//! rewrites config.json and answers with one JSON line. `nixenv-hook` is looked up next to
+//! the shim's own executable, then on PATH. Its standard error goes to the shim's log.
+//!
+//! A [`Preparation`] is a running helper: dropping the future that waits for it does not stop
+//! it (a cancelled Create lets the download go on for the kubelet's retry); the shim stops it
+//! with SIGTERM only when it shuts down, and the kernel does the same if the shim dies
+//! (`PR_SET_PDEATHSIG`). Either way the helper removes its pin and leaves no partial path.
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+
+use crate::reaper::{self, Exit};
+
+/// The helper binary's name.
+pub const HELPER: &str = "nixenv-hook";
+/// Replies longer than this are not read further (one line of JSON is a few hundred bytes).
+const MAX_REPLY: u64 = 64 * 1024;
+
+/// What the helper answered (`Reply` in `hook/src/shim.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Reply {
+    /// Not nixenv's container: config.json is untouched.
+    PassThrough { runc: Option<PathBuf> },
+    /// config.json mounts the closure, which is pinned for the container.
+    Rewritten {
+        reference: String,
+        generation: Option<u64>,
+        paths: usize,
+        runc: Option<PathBuf>,
+    },
+    /// The pin is gone.
+    Released { runc: Option<PathBuf> },
+    /// Nothing was done.
+    Failed { error: String },
+}
+
+/// Why the helper gave no usable answer, or refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    /// The helper's own one-line error (its input and cause).
+    #[error("{error}")]
+    Refused { error: String },
+    #[error("cannot run {helper}: {source}")]
+    Spawn {
+        helper: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{helper} {stage} was killed by signal {signal}")]
+    Killed {
+        helper: PathBuf,
+        stage: &'static str,
+        signal: i32,
+    },
+    #[error("{helper} {stage} exited with code {code} without a reply")]
+    NoReply {
+        helper: PathBuf,
+        stage: &'static str,
+        code: i32,
+    },
+    #[error("{helper} {stage}: unreadable reply {reply:?}: {source}")]
+    BadReply {
+        helper: PathBuf,
+        stage: &'static str,
+        reply: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{helper} {stage} answered {reply:?}, which is not an answer to it")]
+    Unexpected {
+        helper: PathBuf,
+        stage: &'static str,
+        reply: Box<Reply>,
+    },
+}
+
+/// Waits for a child's exit: the process edge the helper shares with everything the shim
+/// starts. The serving shim reaps all its children in one place ([`Reaped`]); the `delete`
+/// action and tests wait directly ([`Direct`]).
+pub trait Wait: Send + Sync + 'static {
+    /// The exit of child `pid`.
+    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send;
+}
+
+/// Exits from the shim's reaper.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reaped;
+
+impl Wait for Reaped {
+    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send {
+        reaper::wait(pid)
+    }
+}
+
+/// `waitpid` on a blocking thread (a process without the reaper).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Direct;
+
+impl Wait for Direct {
+    async fn wait(&self, pid: i32) -> Exit {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        let status = tokio::task::spawn_blocking(move || loop {
+            match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => return other,
+            }
+        })
+        .await;
+        let (code, signal) = match status {
+            Ok(Ok(WaitStatus::Exited(_, code))) => (code, None),
+            Ok(Ok(WaitStatus::Signaled(_, sig, _))) => (128 + sig as i32, Some(sig as i32)),
+            _ => (255, None),
+        };
+        Exit {
+            pid,
+            code,
+            signal,
+            at: std::time::SystemTime::now(),
+        }
+    }
+}
+
+/// What a preparation is for.
+#[derive(Debug, Clone)]
+pub struct PrepareArgs<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub namespace: &'a str,
+    pub runtime_root: &'a Path,
+}
+
+/// The helper, and how to wait for it.
+#[derive(Debug, Clone)]
+pub struct Helper<W> {
+    path: PathBuf,
+    waiter: W,
+}
+
+/// A running `shim-prepare`.
+pub struct Preparation {
+    /// The helper's pid (to stop it with SIGTERM).
+    pub pid: i32,
+    reply: tokio::task::JoinHandle<Result<Reply, HelperError>>,
+}
+
+impl Preparation {
+    /// The helper's reply: [`Reply::PassThrough`] or [`Reply::Rewritten`]. Dropping this
+    /// future leaves the preparation running, to be awaited again; awaiting it after it gave
+    /// its reply is a bug (it panics).
+    pub async fn reply(&mut self) -> Result<Reply, HelperError> {
+        match (&mut self.reply).await {
+            Ok(result) => result,
+            // The reading task never panics; if it were aborted, treat it as no reply.
+            Err(_) => Err(HelperError::NoReply {
+                helper: PathBuf::from(HELPER),
+                stage: "shim-prepare",
+                code: -1,
+            }),
+        }
+    }
+}
+
+/// `nixenv-hook` next to `exe` if it is there, else the name (looked up on PATH).
+pub fn locate(exe: Option<&Path>) -> PathBuf {
+    exe.and_then(Path::parent)
+        .map(|dir| dir.join(HELPER))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(HELPER))
+}
+
+impl<W: Wait + Clone> Helper<W> {
+    /// The helper at `path`.
+    pub fn new(path: PathBuf, waiter: W) -> Self {
+        Helper { path, waiter }
+    }
+
+    /// The helper next to the running executable (or on PATH).
+    pub fn beside_self(waiter: W) -> Self {
+        let exe = std::env::current_exe().ok();
+        Self::new(locate(exe.as_deref()), waiter)
+    }
+
+    fn command(&self, stage: &'static str, args: &[OsString]) -> Command {
+        let mut cmd = Command::new(&self.path);
+        cmd.arg(stage)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(crate::logging::child_stderr());
+        if let Some(level) = crate::logging::child_rust_log() {
+            cmd.env("RUST_LOG", level);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn spawn(
+        &self,
+        stage: &'static str,
+        args: &[OsString],
+    ) -> Result<(i32, tokio::task::JoinHandle<Result<Reply, HelperError>>), HelperError> {
+        let mut child = self
+            .command(stage, args)
+            .spawn()
+            .map_err(|source| HelperError::Spawn {
+                helper: self.path.clone(),
+                source,
+            })?;
+        let pid = child.id() as i32;
+        tracing::debug!(helper = %self.path.display(), stage, pid, "helper started");
+        let stdout = child.stdout.take();
+        drop(child);
+        let helper = self.path.clone();
+        let waiter = self.waiter.clone();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Some(pipe) = stdout {
+                if let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into()) {
+                    let _ = rx.take(MAX_REPLY).read_to_end(&mut out).await;
+                }
+            }
+            let exit = waiter.wait(pid).await;
+            read_reply(&helper, stage, &out, &exit)
+        });
+        Ok((pid, task))
+    }
+
+    /// Starts `shim-prepare` for a container.
+    pub fn prepare(&self, args: &PrepareArgs<'_>) -> Result<Preparation, HelperError> {
+        let argv: Vec<OsString> = vec![
+            "--id".into(),
+            args.id.into(),
+            "--bundle".into(),
+            args.bundle.into(),
+            "--namespace".into(),
+            args.namespace.into(),
+            "--runtime-root".into(),
+            args.runtime_root.into(),
+        ];
+        let (pid, reply) = self.spawn("shim-prepare", &argv)?;
+        Ok(Preparation { pid, reply })
+    }
+
+    /// Runs `shim-release` for a container; returns the configured runc.
+    pub async fn release(&self, id: &str) -> Result<Option<PathBuf>, HelperError> {
+        let (_, reply) = self.spawn("shim-release", &["--id".into(), id.into()])?;
+        let reply = reply.await.map_err(|_| HelperError::NoReply {
+            helper: self.path.clone(),
+            stage: "shim-release",
+            code: -1,
+        })??;
+        match reply {
+            Reply::Released { runc } => Ok(runc),
+            other => Err(HelperError::Unexpected {
+                helper: self.path.clone(),
+                stage: "shim-release",
+                reply: Box::new(other),
+            }),
+        }
+    }
+}
+
+/// Turns what the helper printed and how it ended into its answer.
+fn read_reply(
+    helper: &Path,
+    stage: &'static str,
+    out: &[u8],
+    exit: &Exit,
+) -> Result<Reply, HelperError> {
+    let line = String::from_utf8_lossy(out);
+    let line = line.trim();
+    if line.is_empty() {
+        return Err(match exit.signal {
+            Some(signal) => HelperError::Killed {
+                helper: helper.to_owned(),
+                stage,
+                signal,
+            },
+            None => HelperError::NoReply {
+                helper: helper.to_owned(),
+                stage,
+                code: exit.code,
+            },
+        });
+    }
+    let reply: Reply = serde_json::from_str(line).map_err(|source| HelperError::BadReply {
+        helper: helper.to_owned(),
+        stage,
+        reply: line.chars().take(200).collect(),
+        source,
+    })?;
+    match reply {
+        Reply::Failed { error } => Err(HelperError::Refused { error }),
+        reply => Ok(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A helper script answering `body` (a shell snippet) and recording its arguments.
+    fn fake(dir: &Path, body: &str) -> Helper<Direct> {
+        let path = dir.join(HELPER);
+        let script = format!("#!/bin/sh\necho \"$@\" > {}/args\n{body}\n", dir.display());
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Helper::new(path, Direct)
+    }
+
+    fn args<'a>(bundle: &'a Path) -> PrepareArgs<'a> {
+        PrepareArgs {
+            id: "c1",
+            bundle,
+            namespace: "k8s.io",
+            runtime_root: Path::new("/run/containerd/runc/k8s.io"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_reply_is_read_and_the_arguments_are_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = fake(
+            dir.path(),
+            r#"echo '{"result":"rewritten","reference":"acme/echoserver","generation":2,"paths":4,"runc":null}'"#,
+        );
+        let reply = h.prepare(&args(Path::new("/b"))).unwrap().reply().await;
+        assert_eq!(
+            reply.unwrap(),
+            Reply::Rewritten {
+                reference: "acme/echoserver".into(),
+                generation: Some(2),
+                paths: 4,
+                runc: None
+            }
+        );
+        let argv = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert_eq!(
+            argv.trim(),
+            "shim-prepare --id c1 --bundle /b --namespace k8s.io --runtime-root /run/containerd/runc/k8s.io"
+        );
+    }
+
+    /// The error of a preparation by a helper script answering `body`.
+    async fn prepare_error(dir: &Path, body: &str) -> String {
+        let mut p = fake(dir, body).prepare(&args(Path::new("/b"))).unwrap();
+        p.reply().await.unwrap_err().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_the_helpers_one_line_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = prepare_error(
+            dir.path(),
+            r#"echo '{"result":"failed","error":"acme/nope: no such environment"}'; exit 1"#,
+        )
+        .await;
+        assert_eq!(e, "acme/nope: no such environment");
+    }
+
+    #[tokio::test]
+    async fn no_reply_a_kill_and_garbage_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = prepare_error(dir.path(), "exit 3").await;
+        assert!(
+            e.ends_with("shim-prepare exited with code 3 without a reply"),
+            "{e}"
+        );
+        let e = prepare_error(dir.path(), "kill -9 $$").await;
+        assert!(e.ends_with("shim-prepare was killed by signal 9"), "{e}");
+        let e = fake(dir.path(), "echo 'Segmentation fault'")
+            .release("c1")
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("shim-release: unreadable reply \"Segmentation fault\""),
+            "{e}"
+        );
+        let e = fake(
+            dir.path(),
+            r#"echo '{"result":"pass-through","runc":null}'"#,
+        )
+        .release("c1")
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("not an answer to it"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_helper_is_named() {
+        let h = Helper::new(PathBuf::from("/nonexistent/nixenv-hook"), Direct);
+        let e = h.prepare(&args(Path::new("/b"))).err().unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("cannot run /nonexistent/nixenv-hook: "),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn release_returns_the_configured_runc() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = fake(
+            dir.path(),
+            r#"echo '{"result":"released","runc":"/opt/runc"}'"#,
+        );
+        assert_eq!(
+            h.release("c1").await.unwrap(),
+            Some(PathBuf::from("/opt/runc"))
+        );
+        let argv = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert_eq!(argv.trim(), "shim-release --id c1");
+    }
+
+    #[test]
+    fn the_helper_is_looked_up_beside_the_shim_then_on_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let shim = dir.path().join("containerd-shim-nixenv-v2");
+        assert_eq!(locate(Some(&shim)), PathBuf::from(HELPER));
+        std::fs::write(dir.path().join(HELPER), "").unwrap();
+        assert_eq!(locate(Some(&shim)), dir.path().join(HELPER));
+        assert_eq!(locate(None), PathBuf::from(HELPER));
+    }
+}
