@@ -368,11 +368,10 @@ impl Container {
                 value["env"] = serde_json::json!(env);
             }
         }
-        let spec: oci_spec::runtime::Process =
-            serde_json::from_value(value).map_err(|e| ContainerError::BadRequest {
-                what: "exec process spec",
-                message: e.to_string(),
-            })?;
+        let spec = crate::process_spec::decode(&value).map_err(|e| ContainerError::BadRequest {
+            what: "exec process spec",
+            message: e.to_string(),
+        })?;
         let (runc_io, plain_io, mut console) = stdio_for(&p.stdio)?;
         let pid_file = self.bundle.join(format!("exec-{}.pid", p.exec_id));
         let mut opts = ExecOpts::new()

@@ -13,6 +13,7 @@ mod logging;
 mod mount;
 mod oom;
 mod process;
+mod process_spec;
 mod reaper;
 mod runc;
 mod service;

@@ -70,8 +70,18 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// `containerd-shim-nixenv-v2`, with `nixenv-hook` (which prepares its containers) built next
-/// to it.
+/// to it; `$NIXENV_TEST_SHIM` when set (the shipped build of `packaging/build-shim`, with
+/// `nixenv-hook` next to it).
 pub fn shim_bin() -> PathBuf {
+    if let Some(shim) = std::env::var_os("NIXENV_TEST_SHIM").filter(|s| !s.is_empty()) {
+        let shim = PathBuf::from(shim);
+        assert!(
+            shim.is_file(),
+            "NIXENV_TEST_SHIM={} does not exist",
+            shim.display()
+        );
+        return shim;
+    }
     bin_path("nixenv-hook");
     bin_path("containerd-shim-nixenv-v2")
 }
