@@ -10,6 +10,9 @@
 //! it (a cancelled Create lets the download go on for the kubelet's retry); the shim stops it
 //! with SIGTERM only when it shuts down, and the kernel does the same if the shim dies
 //! (`PR_SET_PDEATHSIG`). Either way the helper removes its pin and leaves no partial path.
+//! (The death signal follows the *thread* that spawned the helper: helpers are spawned from
+//! async tasks, which run on the shim's one runtime thread, never from blocking-pool threads,
+//! which exit when idle.)
 
 use std::ffi::OsString;
 use std::future::Future;

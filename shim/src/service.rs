@@ -90,6 +90,15 @@ impl Drop for AbandonGuard {
             return;
         };
         let id = self.id.clone();
+        if tokio::runtime::Handle::try_current().is_err() {
+            // The shim is exiting with the Create in flight: the helper undoes its work on
+            // SIGTERM (it would get it from PR_SET_PDEATHSIG a moment later anyway).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(preparation.pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            return;
+        }
         tracing::warn!(%id, "create cancelled; preparation continues, then unpins");
         let inner = self.inner.clone();
         let pid = preparation.pid;

@@ -690,3 +690,67 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The shim's preparing process, as the shim runs it when it shuts down (or dies) with a
+/// closure still downloading: SIGTERM abandons the preparation, which says so in its reply and
+/// leaves no pin, no partial store path and config.json as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preparing_process_stopped_mid_download_leaves_nothing_behind() {
+    let env = nix_env();
+    env.caches.inject(
+        "/nar/*",
+        nixenv_testkit::Fault::Delay(Duration::from_secs(3)),
+    );
+    let bundle = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {"user": {"uid": 0, "gid": 0}, "args": ["echoserver"], "cwd": "/"},
+        "annotations": {"nix.dev/environment": "acme/echoserver"}
+    })
+    .to_string();
+    std::fs::write(bundle.path().join("config.json"), &config).unwrap();
+    let hook = nixenv_testkit::bin_path("nixenv-hook");
+    let bundle_arg = bundle.path().to_str().unwrap();
+    let child = env
+        .node
+        .command(
+            &hook,
+            &["shim-prepare", "--id", "c1", "--bundle", bundle_arg],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a NAR download to begin", Duration::from_secs(20), || {
+        env.caches.requests_matching("/nar/*") > 0
+    })
+    .await;
+    let mut child = child;
+    assert!(child.try_wait().unwrap().is_none(), "still downloading");
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("stopped after {:.1?}", t0.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"result\":\"failed\",\"error\":\"c1: preparation abandoned on SIGTERM\"}\n",
+        "{stderr}"
+    );
+    assert!(env.node.pins().is_empty(), "{:?}", env.node.pins());
+    assert!(
+        env.node.leftovers().is_empty(),
+        "{:?}",
+        env.node.leftovers()
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.path().join("config.json")).unwrap(),
+        config
+    );
+}

@@ -27,6 +27,10 @@ fn shim_logging() {
         .with_ansi(false)
         .with_target(false)
         .with_writer(std::io::stderr)
+        // The shim's log FIFO goes away with the shim (and is non-blocking): a failed write
+        // loses that line, it must not end the process (the default reports it with
+        // `eprintln!`, which panics when stderr is broken).
+        .log_internal_errors(false)
         .try_init();
 }
 
