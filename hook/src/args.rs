@@ -132,7 +132,7 @@ fn is_subcommand(arg: &OsStr) -> bool {
     arg.to_str().is_some_and(|s| SUBCOMMANDS.contains(&s))
 }
 
-/// Parses runc's argv without argv[0].
+/// Parses runc's argv without `argv[0]`.
 pub fn parse(args: &[OsString]) -> Invocation {
     let mut global = GlobalFlags::default();
     let mut i = 0;

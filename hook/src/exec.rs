@@ -22,7 +22,7 @@ pub enum ExecError {
 
 /// Starting runc.
 pub trait Process {
-    /// Replaces this process with `program`, argv[0] set to `program`, then `args`; returns only
+    /// Replaces this process with `program`, `argv[0]` set to `program`, then `args`; returns only
     /// on failure.
     fn exec(&self, program: &Path, args: &[OsString]) -> ExecError;
     /// Runs `program` with `args` as a child, stdio inherited, and returns its exit code.

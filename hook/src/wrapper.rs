@@ -43,7 +43,7 @@ pub trait Locate {
 /// The `nixenv-hook` stage that runs [`run`] (nixenv-runc's second stage).
 pub const FULL_STAGE: &str = "runc";
 
-/// Runs nixenv-runc with `args` (argv without argv[0]); returns the exit code when it does not
+/// Runs nixenv-runc with `args` (argv without `argv[0]`); returns the exit code when it does not
 /// exec.
 pub fn run<C: Core, P: Process, L: Locate>(
     args: &[OsString],

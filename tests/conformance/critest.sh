@@ -12,6 +12,8 @@
 #                            Debian's 1.6); a 2.x binary gets a version 3 config, and the
 #                            containerd-shim-runc-v2 and ctr beside it are used.
 #   NIXENV_CNI_BIN_DIR       CNI plugins (default /usr/lib/cni from containernetworking-plugins).
+#   NIXENV_TEST_SHIM         the shim to test (default: the dev build; e.g. the shipped build of
+#                            packaging/build-shim, with nixenv-hook next to it).
 #
 # Options of nixenv-critest (see tests/src/bin/nixenv-critest.rs):
 #   --handlers runc,nixenv   handlers to run, the first is the baseline
@@ -27,7 +29,8 @@
 # Not part of CI: CI has neither critest nor the network the image specs pull from.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build -q -p containerd-shim-nixenv-v2 --bin containerd-shim-nixenv-v2
+cargo build -q -p containerd-shim-nixenv-v2 -p nixenv-hook --bin containerd-shim-nixenv-v2 \
+  --bin nixenv-hook
 cargo build -q -p nixenv-testkit --bin nixenv-critest
 target_dir="${CARGO_TARGET_DIR:-target}"
 exec "$target_dir/debug/nixenv-critest" "$@"
