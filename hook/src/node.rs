@@ -131,6 +131,10 @@ impl crate::shim::ShimCore for Node {
         runtime::release(cfg, id)?;
         Ok(cfg.runc.clone())
     }
+
+    fn configured_runc(&mut self) -> Result<Option<PathBuf>, NodeError> {
+        Ok(self.config()?.runc.clone())
+    }
 }
 
 impl crate::wrapper::Core for Node {

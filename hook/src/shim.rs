@@ -9,6 +9,7 @@
 //! ```text
 //! nixenv-hook shim-prepare --id ID --bundle DIR [--namespace NS] [--runtime-root DIR]
 //! nixenv-hook shim-release --id ID
+//! nixenv-hook shim-config --id ID       (the configured runc, for the shim's `delete` action)
 //! ```
 //!
 //! Standard output is exactly one JSON [`Reply`] line, also on failure; logs go to standard
@@ -30,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub const PREPARE_STAGE: &str = "shim-prepare";
 /// The stage that drops a container's pin.
 pub const RELEASE_STAGE: &str = "shim-release";
+/// The stage that says which runc the configuration names.
+pub const CONFIG_STAGE: &str = "shim-config";
 
 /// The one line written on standard output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +56,11 @@ pub enum Reply {
     },
     /// The container's pin is gone (or never was).
     Released {
+        /// The configured runc, if any.
+        runc: Option<PathBuf>,
+    },
+    /// The configuration names this runc (or none).
+    Configured {
         /// The configured runc, if any.
         runc: Option<PathBuf>,
     },
@@ -105,6 +113,8 @@ pub trait ShimCore {
         -> Result<(Decision, Option<PathBuf>), Self::Error>;
     /// Drops the pin of container `id`; returns the configured runc.
     fn release(&mut self, id: &str) -> Result<Option<PathBuf>, Self::Error>;
+    /// The configured runc.
+    fn configured_runc(&mut self) -> Result<Option<PathBuf>, Self::Error>;
 }
 
 fn flags(
@@ -156,9 +166,9 @@ pub fn parse_prepare(args: &[OsString]) -> Result<PrepareRequest, ShimStageError
     })
 }
 
-/// Parses `shim-release`'s arguments (after the stage name): the container id.
-pub fn parse_release(args: &[OsString]) -> Result<String, ShimStageError> {
-    let stage = RELEASE_STAGE;
+/// Parses `shim-release`'s and `shim-config`'s arguments (after the stage name): the
+/// container id.
+pub fn parse_id(stage: &'static str, args: &[OsString]) -> Result<String, ShimStageError> {
     let f = flags(stage, args, &["--id"])?;
     take(&f, "--id")
         .map(|v| v.to_string_lossy().into_owned())
@@ -197,18 +207,36 @@ pub fn release<C: ShimCore>(core: &mut C, id: &str) -> Reply {
     }
 }
 
+/// Says which runc the configuration names.
+pub fn config<C: ShimCore>(core: &mut C) -> Reply {
+    match core.configured_runc() {
+        Ok(runc) => Reply::Configured { runc },
+        Err(e) => Reply::Failed {
+            error: e.to_string(),
+        },
+    }
+}
+
 /// Runs stage `stage` with `args` (after the stage name): writes the reply line to `out` and
-/// returns the exit code.
+/// returns the exit code. A preparation whose reply cannot be written (the shim is gone) is
+/// undone: nobody would run the container or drop its pin.
 pub fn main<C: ShimCore, W: Write>(
     stage: &str,
     args: &[OsString],
     core: &mut C,
     out: &mut W,
 ) -> i32 {
-    let parsed = if stage == PREPARE_STAGE {
-        parse_prepare(args).map(|req| prepare(core, &req))
-    } else {
-        parse_release(args).map(|id| release(core, &id))
+    let mut prepared = None;
+    let parsed = match stage {
+        PREPARE_STAGE => parse_prepare(args).map(|req| {
+            let reply = prepare(core, &req);
+            if matches!(reply, Reply::Rewritten { .. }) {
+                prepared = Some(req.id);
+            }
+            reply
+        }),
+        CONFIG_STAGE => parse_id(CONFIG_STAGE, args).map(|_| config(core)),
+        _ => parse_id(RELEASE_STAGE, args).map(|id| release(core, &id)),
     };
     let (reply, code) = match parsed {
         Ok(reply @ Reply::Failed { .. }) => (reply, 1),
@@ -223,7 +251,11 @@ pub fn main<C: ShimCore, W: Write>(
     let mut line = serde_json::to_vec(&reply).expect("a reply serialises");
     line.push(b'\n');
     if out.write_all(&line).and_then(|()| out.flush()).is_err() {
-        // The shim is gone; the exit code still tells.
+        if let Some(id) = prepared {
+            if let Err(e) = core.release(&id) {
+                tracing::warn!(container = %id, error = %e, "cannot drop the pin of an unreported preparation");
+            }
+        }
         return code.max(1);
     }
     code
@@ -262,6 +294,45 @@ mod tests {
             self.released.push(id.to_owned());
             self.fail.clone().map_or(Ok(None), Err)
         }
+        fn configured_runc(&mut self) -> Result<Option<PathBuf>, String> {
+            Ok(Some("/opt/runc".into()))
+        }
+    }
+
+    /// Standard output of a shim that is gone.
+    struct Gone;
+
+    impl Write for Gone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_preparation_nobody_hears_of_is_undone() {
+        let mut core = Fake {
+            decision: Some(Decision::Rewritten(Prepared {
+                reference: "acme/echoserver".into(),
+                generation: None,
+                closure: vec!["/nix/store/a".into()],
+            })),
+            ..Fake::default()
+        };
+        let args = os(&["--id", "c1", "--bundle", "/b"]);
+        assert_eq!(main(PREPARE_STAGE, &args, &mut core, &mut Gone), 1);
+        assert_eq!(core.released, vec!["c1".to_owned()]);
+        let mut out = Vec::new();
+        assert_eq!(
+            main(CONFIG_STAGE, &os(&["--id", "c1"]), &mut core, &mut out),
+            0
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"result\":\"configured\",\"runc\":\"/opt/runc\"}\n"
+        );
     }
 
     #[test]
@@ -288,12 +359,12 @@ mod tests {
         assert_eq!(e.to_string(), "shim-prepare: --bundle is required");
         let e = parse_prepare(&os(&["--id", "c1", "--bundle"])).unwrap_err();
         assert_eq!(e.to_string(), "shim-prepare: --bundle needs a value");
-        let e = parse_release(&os(&["--id", "c1", "--force"])).unwrap_err();
+        let e = parse_id(RELEASE_STAGE, &os(&["--id", "c1", "--force"])).unwrap_err();
         assert!(
             e.to_string().contains("unknown argument \"--force\""),
             "{e}"
         );
-        assert_eq!(parse_release(&os(&["--id", "c9"])).unwrap(), "c9");
+        assert_eq!(parse_id(RELEASE_STAGE, &os(&["--id", "c9"])).unwrap(), "c9");
     }
 
     #[test]

@@ -201,15 +201,13 @@ async fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     } else {
         PathBuf::from(&flags.bundle)
     };
-    // The helper drops the pin and says which runc the config names.
+    // The configured runc comes from the helper; the pin is dropped only once the container
+    // and its mounts are gone (gc could otherwise take paths a live container still maps).
     let helper = Helper::beside_self(Direct);
-    let configured = match helper.release(&flags.id).await {
+    let configured = match helper.configured_runc(&flags.id).await {
         Ok(runc) => runc,
         Err(e) => {
-            eprintln!(
-                "containerd-shim-nixenv-v2 delete {}: release: {e}",
-                flags.id
-            );
+            eprintln!("containerd-shim-nixenv-v2 delete: {e}");
             None
         }
     };
@@ -224,6 +222,9 @@ async fn delete(flags: &Flags) -> Result<(), BootstrapError> {
         .stderr(Stdio::null())
         .status();
     let _ = crate::mount::unmount_all(&bundle.join("rootfs"));
+    if let Err(e) = helper.release(&flags.id).await {
+        eprintln!("containerd-shim-nixenv-v2 delete: {e}");
+    }
     let resp = DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,
@@ -287,7 +288,7 @@ async fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     let listener = Listener::try_from(listener).map_err(io_err("ttrpc listener"))?;
     let mut server = Server::new()
         .add_listener(listener)
-        .register_service(task_services(service));
+        .register_service(task_services(service.clone()));
     server
         .start()
         .await
@@ -297,6 +298,8 @@ async fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     tracing::info!("shim exiting");
     // Let the Shutdown reply reach containerd.
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // Preparations told to stop undo their pins and staging before the shim goes.
+    service.drain().await;
     let _ = server.shutdown().await;
     let _ = std::fs::remove_file(&path);
     Ok(())

@@ -1,4 +1,4 @@
-//! The preparing process: `nixenv-hook shim-prepare` and `nixenv-hook shim-release`
+//! The preparing process: `nixenv-hook shim-prepare`, `shim-release` and `shim-config`
 //! (`hook/src/shim.rs` is the other side and documents the protocol).
 //!
 //! The shim lives as long as its pod, so the core library (catalog, HTTP, NAR unpacking, the
@@ -45,8 +45,24 @@ pub enum Reply {
     },
     /// The pin is gone.
     Released { runc: Option<PathBuf> },
+    /// The configuration names this runc (or none).
+    Configured { runc: Option<PathBuf> },
     /// Nothing was done.
     Failed { error: String },
+}
+
+/// One call of the helper: which container, which stage, which binary (for error messages).
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub id: String,
+    pub stage: &'static str,
+    pub helper: PathBuf,
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} {}", self.id, self.helper.display(), self.stage)
+    }
 }
 
 /// Why the helper gave no usable answer, or refused.
@@ -55,38 +71,29 @@ pub enum HelperError {
     /// The helper's own one-line error (its input and cause).
     #[error("{error}")]
     Refused { error: String },
-    #[error("cannot run {helper}: {source}")]
+    #[error("{id}: cannot run {helper} (looked next to {beside} and on PATH): {source}")]
     Spawn {
+        id: String,
         helper: PathBuf,
+        beside: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{helper} {stage} was killed by signal {signal}")]
-    Killed {
-        helper: PathBuf,
-        stage: &'static str,
-        signal: i32,
-    },
-    #[error("{helper} {stage} exited with code {code} without a reply")]
-    NoReply {
-        helper: PathBuf,
-        stage: &'static str,
-        code: i32,
-    },
-    #[error("{helper} {stage}: unreadable reply {reply:?}: {source}")]
+    #[error("{call} was killed by signal {signal}")]
+    Killed { call: Call, signal: i32 },
+    #[error("{call} exited with code {code} without a reply")]
+    NoReply { call: Call, code: i32 },
+    #[error("{call}: the shim lost track of it")]
+    Lost { call: Call },
+    #[error("{call}: unreadable reply {reply:?}: {source}")]
     BadReply {
-        helper: PathBuf,
-        stage: &'static str,
+        call: Call,
         reply: String,
         #[source]
         source: serde_json::Error,
     },
-    #[error("{helper} {stage} answered {reply:?}, which is not an answer to it")]
-    Unexpected {
-        helper: PathBuf,
-        stage: &'static str,
-        reply: Box<Reply>,
-    },
+    #[error("{call} answered {reply:?}, which is not an answer to it")]
+    Unexpected { call: Call, reply: Box<Reply> },
 }
 
 /// Waits for a child's exit: the process edge the helper shares with everything the shim
@@ -151,10 +158,11 @@ pub struct Helper<W> {
     waiter: W,
 }
 
-/// A running `shim-prepare`.
+/// A running helper (`shim-prepare`, or a short call).
 pub struct Preparation {
     /// The helper's pid (to stop it with SIGTERM).
     pub pid: i32,
+    call: Call,
     reply: tokio::task::JoinHandle<Result<Reply, HelperError>>,
 }
 
@@ -165,11 +173,9 @@ impl Preparation {
     pub async fn reply(&mut self) -> Result<Reply, HelperError> {
         match (&mut self.reply).await {
             Ok(result) => result,
-            // The reading task never panics; if it were aborted, treat it as no reply.
-            Err(_) => Err(HelperError::NoReply {
-                helper: PathBuf::from(HELPER),
-                stage: "shim-prepare",
-                code: -1,
+            // The reading task never panics; if it were aborted, say so.
+            Err(_) => Err(HelperError::Lost {
+                call: self.call.clone(),
             }),
         }
     }
@@ -182,6 +188,10 @@ pub fn locate(exe: Option<&Path>) -> PathBuf {
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(HELPER))
 }
+
+/// `RUST_LOG` for a helper of a shim at debug level: nixenv's own lines at debug, the HTTP
+/// and TLS libraries' at info.
+const DEBUG_LOG: &str = "info,nixenv_core=debug,nixenv_hook=debug";
 
 impl<W: Wait + Clone> Helper<W> {
     /// The helper at `path`.
@@ -202,14 +212,19 @@ impl<W: Wait + Clone> Helper<W> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(crate::logging::child_stderr());
-        if let Some(level) = crate::logging::child_rust_log() {
-            cmd.env("RUST_LOG", level);
+        if crate::logging::child_wants_debug() {
+            cmd.env("RUST_LOG", DEBUG_LOG);
         }
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The shim died between fork and prctl: no signal will come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -219,33 +234,49 @@ impl<W: Wait + Clone> Helper<W> {
 
     fn spawn(
         &self,
+        id: &str,
         stage: &'static str,
         args: &[OsString],
-    ) -> Result<(i32, tokio::task::JoinHandle<Result<Reply, HelperError>>), HelperError> {
+    ) -> Result<Preparation, HelperError> {
         let mut child = self
             .command(stage, args)
             .spawn()
             .map_err(|source| HelperError::Spawn {
+                id: id.to_owned(),
                 helper: self.path.clone(),
+                beside: std::env::current_exe()
+                    .map(|e| e.display().to_string())
+                    .unwrap_or_else(|_| "the shim".to_owned()),
                 source,
             })?;
         let pid = child.id() as i32;
-        tracing::debug!(helper = %self.path.display(), stage, pid, "helper started");
+        tracing::debug!(helper = %self.path.display(), stage, pid, id, "helper started");
         let stdout = child.stdout.take();
         drop(child);
-        let helper = self.path.clone();
+        let call = Call {
+            id: id.to_owned(),
+            stage,
+            helper: self.path.clone(),
+        };
         let waiter = self.waiter.clone();
-        let task = tokio::spawn(async move {
-            let mut out = Vec::new();
-            if let Some(pipe) = stdout {
-                if let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into()) {
-                    let _ = rx.take(MAX_REPLY).read_to_end(&mut out).await;
+        let task = tokio::spawn({
+            let call = call.clone();
+            async move {
+                let mut out = Vec::new();
+                if let Some(pipe) = stdout {
+                    if let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into()) {
+                        let _ = rx.take(MAX_REPLY).read_to_end(&mut out).await;
+                    }
                 }
+                let exit = waiter.wait(pid).await;
+                read_reply(call, &out, &exit)
             }
-            let exit = waiter.wait(pid).await;
-            read_reply(&helper, stage, &out, &exit)
         });
-        Ok((pid, task))
+        Ok(Preparation {
+            pid,
+            call,
+            reply: task,
+        })
     }
 
     /// Starts `shim-prepare` for a container.
@@ -260,55 +291,58 @@ impl<W: Wait + Clone> Helper<W> {
             "--runtime-root".into(),
             args.runtime_root.into(),
         ];
-        let (pid, reply) = self.spawn("shim-prepare", &argv)?;
-        Ok(Preparation { pid, reply })
+        self.spawn(args.id, "shim-prepare", &argv)
+    }
+
+    async fn call(&self, id: &str, stage: &'static str) -> Result<Reply, HelperError> {
+        self.spawn(id, stage, &["--id".into(), id.into()])?
+            .reply()
+            .await
     }
 
     /// Runs `shim-release` for a container; returns the configured runc.
     pub async fn release(&self, id: &str) -> Result<Option<PathBuf>, HelperError> {
-        let (_, reply) = self.spawn("shim-release", &["--id".into(), id.into()])?;
-        let reply = reply.await.map_err(|_| HelperError::NoReply {
-            helper: self.path.clone(),
-            stage: "shim-release",
-            code: -1,
-        })??;
-        match reply {
+        match self.call(id, "shim-release").await? {
             Reply::Released { runc } => Ok(runc),
-            other => Err(HelperError::Unexpected {
+            other => Err(self.unexpected(id, "shim-release", other)),
+        }
+    }
+
+    /// Runs `shim-config`: the runc the configuration names, if any.
+    pub async fn configured_runc(&self, id: &str) -> Result<Option<PathBuf>, HelperError> {
+        match self.call(id, "shim-config").await? {
+            Reply::Configured { runc } => Ok(runc),
+            other => Err(self.unexpected(id, "shim-config", other)),
+        }
+    }
+
+    fn unexpected(&self, id: &str, stage: &'static str, reply: Reply) -> HelperError {
+        HelperError::Unexpected {
+            call: Call {
+                id: id.to_owned(),
+                stage,
                 helper: self.path.clone(),
-                stage: "shim-release",
-                reply: Box::new(other),
-            }),
+            },
+            reply: Box::new(reply),
         }
     }
 }
 
 /// Turns what the helper printed and how it ended into its answer.
-fn read_reply(
-    helper: &Path,
-    stage: &'static str,
-    out: &[u8],
-    exit: &Exit,
-) -> Result<Reply, HelperError> {
+fn read_reply(call: Call, out: &[u8], exit: &Exit) -> Result<Reply, HelperError> {
     let line = String::from_utf8_lossy(out);
     let line = line.trim();
     if line.is_empty() {
         return Err(match exit.signal {
-            Some(signal) => HelperError::Killed {
-                helper: helper.to_owned(),
-                stage,
-                signal,
-            },
+            Some(signal) => HelperError::Killed { call, signal },
             None => HelperError::NoReply {
-                helper: helper.to_owned(),
-                stage,
+                call,
                 code: exit.code,
             },
         });
     }
     let reply: Reply = serde_json::from_str(line).map_err(|source| HelperError::BadReply {
-        helper: helper.to_owned(),
-        stage,
+        call,
         reply: line.chars().take(200).collect(),
         source,
     })?;
@@ -387,9 +421,12 @@ mod tests {
     async fn no_reply_a_kill_and_garbage_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let e = prepare_error(dir.path(), "exit 3").await;
-        assert!(
-            e.ends_with("shim-prepare exited with code 3 without a reply"),
-            "{e}"
+        assert_eq!(
+            e,
+            format!(
+                "c1: {}/nixenv-hook shim-prepare exited with code 3 without a reply",
+                dir.path().display()
+            )
         );
         let e = prepare_error(dir.path(), "kill -9 $$").await;
         assert!(e.ends_with("shim-prepare was killed by signal 9"), "{e}");
@@ -416,10 +453,14 @@ mod tests {
     async fn a_missing_helper_is_named() {
         let h = Helper::new(PathBuf::from("/nonexistent/nixenv-hook"), Direct);
         let e = h.prepare(&args(Path::new("/b"))).err().unwrap();
-        assert!(
-            e.to_string()
-                .starts_with("cannot run /nonexistent/nixenv-hook: "),
-            "{e}"
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "c1: cannot run /nonexistent/nixenv-hook (looked next to {} and on PATH): \
+                 No such file or directory (os error 2)",
+                exe.display()
+            )
         );
     }
 
@@ -436,6 +477,15 @@ mod tests {
         );
         let argv = std::fs::read_to_string(dir.path().join("args")).unwrap();
         assert_eq!(argv.trim(), "shim-release --id c1");
+    }
+
+    #[tokio::test]
+    async fn config_returns_the_configured_runc() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = fake(dir.path(), r#"echo '{"result":"configured","runc":null}'"#);
+        assert_eq!(h.configured_runc("c1").await.unwrap(), None);
+        let argv = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert_eq!(argv.trim(), "shim-config --id c1");
     }
 
     #[test]

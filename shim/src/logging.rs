@@ -62,10 +62,8 @@ pub fn child_stderr() -> Stdio {
         .unwrap_or_else(Stdio::inherit)
 }
 
-/// `RUST_LOG` for a helper process when the shim's environment has none.
-pub fn child_rust_log() -> Option<&'static str> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        return None;
-    }
-    LEVEL.get().filter(|l| **l >= Level::DEBUG).map(|_| "debug")
+/// Whether a helper process should log at debug: the shim does, and its environment sets no
+/// `RUST_LOG` of its own (which the helper inherits).
+pub fn child_wants_debug() -> bool {
+    std::env::var_os("RUST_LOG").is_none() && LEVEL.get().is_some_and(|l| *l >= Level::DEBUG)
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::container::{Container, ContainerError, EnvOverlay, RuntimeContext};
@@ -53,10 +55,15 @@ fn map_err(e: ContainerError) -> ttrpc::Error {
 struct Pending {
     /// The helper's pid (stopped with SIGTERM when the shim shuts down).
     pid: i32,
+    /// Set once the helper has exited (its pid may be reused after that).
+    exited: Arc<AtomicBool>,
+    /// Becomes true when the helper has exited and the pin is dropped.
+    done: watch::Receiver<bool>,
     handle: JoinHandle<()>,
 }
 
-/// How long a shutting-down shim waits for abandoned preparations to undo their work.
+/// How long an exiting shim waits for stopped preparations to undo their work (after the
+/// Shutdown reply: containerd gives Shutdown itself only a few seconds).
 const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shim's Task service.
@@ -71,9 +78,20 @@ struct Inner {
     exit: Arc<ExitSignal>,
     helper: Helper<Reaped>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Helpers of Creates in flight, by container id.
+    preparing: Mutex<HashMap<String, i32>>,
     pending: Mutex<HashMap<String, Pending>>,
     /// Containers whose closure is pinned (released on Delete).
     pinned: Mutex<HashSet<String>>,
+    /// Shutdown has begun: nothing new is left running.
+    closing: AtomicBool,
+}
+
+fn sigterm(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
 }
 
 /// Waits for a preparation; dropped while it runs (the Create was cancelled), it lets the
@@ -90,31 +108,79 @@ impl Drop for AbandonGuard {
             return;
         };
         let id = self.id.clone();
-        if tokio::runtime::Handle::try_current().is_err() {
+        self.inner.preparing().remove(&id);
+        if self.inner.closing.load(Ordering::SeqCst) {
             // The shim is exiting with the Create in flight: the helper undoes its work on
-            // SIGTERM (it would get it from PR_SET_PDEATHSIG a moment later anyway).
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(preparation.pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            // SIGTERM (PR_SET_PDEATHSIG would send it a moment later anyway).
+            sigterm(preparation.pid);
             return;
         }
         tracing::warn!(%id, "create cancelled; preparation continues, then unpins");
         let inner = self.inner.clone();
         let pid = preparation.pid;
+        let exited = Arc::new(AtomicBool::new(false));
+        let (done_tx, done) = watch::channel(false);
         let mut pending = inner.pending();
         let handle = tokio::spawn({
             let id = id.clone();
             let inner = inner.clone();
+            let exited = exited.clone();
             async move {
                 let reply = preparation.reply().await;
+                exited.store(true, Ordering::SeqCst);
                 if !matches!(reply, Ok(Reply::PassThrough { .. })) {
                     inner.release(&id).await;
                 }
                 inner.pending().remove(&id);
+                let _ = done_tx.send(true);
             }
         });
-        pending.insert(id, Pending { pid, handle });
+        pending.insert(
+            id,
+            Pending {
+                pid,
+                exited,
+                done,
+                handle,
+            },
+        );
+    }
+}
+
+/// The pin of a container whose Create has not finished: dropped armed (the Create failed or
+/// was cancelled after its preparation), it drops the pin.
+struct PinGuard {
+    id: String,
+    inner: Arc<Inner>,
+    armed: bool,
+}
+
+impl PinGuard {
+    fn new(id: &str, inner: &Arc<Inner>) -> PinGuard {
+        inner.pinned().insert(id.to_owned());
+        PinGuard {
+            id: id.to_owned(),
+            inner: inner.clone(),
+            armed: true,
+        }
+    }
+
+    /// The container exists: Delete drops the pin.
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.armed || !self.inner.pinned().remove(&self.id) {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (id, inner) = (self.id.clone(), self.inner.clone());
+        tokio::spawn(async move { inner.release(&id).await });
     }
 }
 
@@ -129,6 +195,10 @@ impl Inner {
 
     fn pinned(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn preparing(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        self.preparing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Drops container `id`'s pin through the helper (idempotent).
@@ -151,8 +221,10 @@ impl Service {
                 exit,
                 helper: Helper::beside_self(Reaped),
                 containers: Mutex::new(HashMap::new()),
+                preparing: Mutex::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
                 pinned: Mutex::new(HashSet::new()),
+                closing: AtomicBool::new(false),
             }),
         }
     }
@@ -225,6 +297,13 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let runtime_root =
             crate::container::runc_root(req, &self.inner.runtime).map_err(map_err)?;
+        // A retried Create (the kubelet's, after its deadline) waits for the preparation it
+        // abandoned, which keeps downloading; then its own finds the closure in the store.
+        let abandoned = self.inner.pending().get(&req.id).map(|p| p.done.clone());
+        if let Some(mut done) = abandoned {
+            tracing::info!(id = %req.id, "waiting for this container's abandoned preparation");
+            let _ = done.wait_for(|d| *d).await;
+        }
         let preparation = self
             .inner
             .helper
@@ -235,6 +314,9 @@ impl Service {
                 runtime_root: &runtime_root,
             })
             .map_err(|e| status(Code::UNKNOWN, format!("nixenv: {e}")))?;
+        self.inner
+            .preparing()
+            .insert(req.id.clone(), preparation.pid);
         let mut guard = AbandonGuard {
             id: req.id.clone(),
             preparation: Some(preparation),
@@ -245,28 +327,40 @@ impl Service {
             None => unreachable!("set above"),
         };
         guard.preparation = None;
+        self.inner.preparing().remove(&req.id);
         result.map_err(|e| status(Code::UNKNOWN, format!("nixenv: {e}")))
     }
 
-    /// Stops abandoned preparations (SIGTERM: the helper undoes its work), waits for them,
-    /// and lets the shim exit.
-    async fn shutdown_now(&self) {
-        let pending: Vec<(String, Pending)> = self.inner.pending().drain().collect();
-        for (id, p) in &pending {
-            if !reaper::has_exited(p.pid) {
+    /// Begins the shim's exit: helpers still preparing, for Creates in flight or abandoned,
+    /// get SIGTERM (each undoes its pin and staging), and the server is told to stop. The wait
+    /// for them is [`Service::drain`], after the Shutdown reply.
+    fn shutdown_now(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        for (id, p) in self.inner.pending().iter() {
+            if !p.exited.load(Ordering::SeqCst) {
                 tracing::info!(%id, pid = p.pid, "stopping an abandoned preparation");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p.pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+                sigterm(p.pid);
             }
         }
+        for (id, pid) in self.inner.preparing().iter() {
+            tracing::info!(%id, pid, "stopping the preparation of a create in flight");
+            sigterm(*pid);
+        }
+        self.inner.exit.signal();
+    }
+
+    /// Waits (up to 10 s) for stopped preparations to exit and their pins to be dropped.
+    pub async fn drain(&self) {
+        let deadline = tokio::time::Instant::now() + PENDING_GRACE;
+        let pending: Vec<(String, Pending)> = self.inner.pending().drain().collect();
         for (id, p) in pending {
-            if tokio::time::timeout(PENDING_GRACE, p.handle).await.is_err() {
+            if tokio::time::timeout_at(deadline, p.handle).await.is_err() {
                 tracing::warn!(%id, pid = p.pid, "abandoned preparation did not stop in time");
             }
         }
-        self.inner.exit.signal();
+        while !self.inner.preparing().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -287,7 +381,7 @@ impl Task for Service {
         tracing::info!(%id, bundle = %req.bundle, "create");
         let bundle = PathBuf::from(&req.bundle);
         let env_before = crate::container::bundle_env(&bundle);
-        let (runc, rewritten) = match self.prepare(&req).await? {
+        let (runc, pin) = match self.prepare(&req).await? {
             Reply::Rewritten {
                 reference,
                 generation,
@@ -295,9 +389,9 @@ impl Task for Service {
                 runc,
             } => {
                 tracing::info!(%id, %reference, ?generation, paths, "environment prepared");
-                (runc, true)
+                (runc, Some(PinGuard::new(&id, &self.inner)))
             }
-            Reply::PassThrough { runc } => (runc, false),
+            Reply::PassThrough { runc } => (runc, None),
             other => {
                 return Err(status(
                     Code::INTERNAL,
@@ -310,17 +404,15 @@ impl Task for Service {
         let container = match Container::create(&req, &runtime).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                if rewritten {
-                    self.inner.release(&id).await;
-                }
+                // The pin guard, dropped here, releases the pin.
                 tracing::warn!(%id, error = %e, "create failed");
                 return Err(map_err(e));
             }
         };
-        if rewritten {
+        if let Some(pin) = pin {
             let after = crate::container::bundle_env(&bundle);
             container.set_env_overlay(EnvOverlay::between(&env_before, &after));
-            self.inner.pinned().insert(id.clone());
+            pin.keep();
         }
         let pid = container.init.pid();
         self.inner
@@ -565,7 +657,7 @@ impl Task for Service {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         if self.inner.containers().is_empty() {
             tracing::info!("no containers left: shutting down");
-            self.shutdown_now().await;
+            self.shutdown_now();
         }
         Ok(Empty::new())
     }

@@ -615,16 +615,36 @@ async fn a_start_abandoned_during_a_slow_fetch_is_retried_without_refetching() {
     c.assert_clean().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
+/// As the kubelet removes a deleted pod: RemovePodSandbox, retried while containerd refuses (a
+/// container still "starting" cannot be removed yet).
+async fn remove_pod(cri: &mut Cri, pod_id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = cri.delete_pod(pod_id).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "remove the pod: {}",
+            e.message()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A mission pod whose container is created (not started) while every NAR is delayed `delay`.
+struct SlowPod {
+    env: ServedNode,
+    c: Containerd,
+    cri: Cri,
+    pod_id: String,
+    id: String,
+}
+
+async fn slow_pod(name: &str, delay: Duration) -> SlowPod {
     let env = nix_env();
-    env.caches.inject(
-        "/nar/*",
-        nixenv_testkit::Fault::Delay(Duration::from_secs(2)),
-    );
+    env.caches
+        .inject("/nar/*", nixenv_testkit::Fault::Delay(delay));
     let c = containerd(Some(&env.node));
     let mut cri = Cri::connect(c.address()).await.unwrap();
-    let pod = PodSpec::new("removed")
+    let pod = PodSpec::new(name)
         .handler("nixenv")
         .annotation("nix.dev/environment", "acme/echoserver");
     let pod_id = cri.run_pod(&pod).await.expect("run pod");
@@ -632,6 +652,24 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
         .command(&["echoserver"])
         .env("PORT", &free_port().to_string());
     let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    SlowPod {
+        env,
+        c,
+        cri,
+        pod_id,
+        id,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
+    let SlowPod {
+        env,
+        c,
+        mut cri,
+        pod_id,
+        id,
+    } = slow_pod("removed", Duration::from_secs(2)).await;
     let start = tokio::spawn({
         let mut cri = cri.clone();
         async move { cri.start_container(&id).await }
@@ -656,15 +694,7 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
         "a container of a stopped pod does not start"
     );
     eprintln!("StartContainer returned: {:.1?}", t0.elapsed());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(e) = cri.delete_pod(&pod_id).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "remove the pod: {}",
-            e.message()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    remove_pod(&mut cri, &pod_id).await;
     eprintln!("RemovePodSandbox: {:.1?}", t0.elapsed());
     assert!(
         cri.list_containers(&pod_id).await.unwrap().is_empty(),
@@ -753,4 +783,110 @@ async fn the_preparing_process_stopped_mid_download_leaves_nothing_behind() {
         std::fs::read_to_string(bundle.path().join("config.json")).unwrap(),
         config
     );
+}
+
+/// `nixenv-hook shim-prepare` processes still running for container `id`.
+fn helpers_of(id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_helper = args.iter().any(|a| a.ends_with(b"nixenv-hook"))
+            && args.contains(&&b"shim-prepare"[..])
+            && args.contains(&id.as_bytes());
+        if is_helper {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A Create the kubelet gave up on leaves its preparation running; when the pod is then
+/// removed, the shim stops that preparation and still exits, and nothing is left: no shim, no
+/// helper, no pin, no partial store path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_removed_after_an_abandoned_start_leaves_nothing_behind() {
+    let SlowPod {
+        env,
+        c,
+        mut cri,
+        pod_id,
+        id,
+    } = slow_pod("abandoned", Duration::from_secs(6)).await;
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), {
+        let mut cri = cri.clone();
+        let id = id.clone();
+        async move { cri.start_container(&id).await }
+    })
+    .await;
+    assert!(gave_up.is_err(), "the fetch is slower than the client");
+    assert_eq!(helpers_of(&id).len(), 1, "the preparation goes on");
+    let t0 = std::time::Instant::now();
+    cri.stop_pod(&pod_id).await.expect("stop the pod");
+    remove_pod(&mut cri, &pod_id).await;
+    c.assert_clean().await;
+    eprintln!("pod removed and shim gone after {:.1?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "the shim stopped the download instead of waiting for it ({:.1?})\n{}",
+        t0.elapsed(),
+        c.log()
+    );
+    assert!(helpers_of(&id).is_empty(), "no helper left");
+    assert!(env.node.pins().is_empty(), "{:?}", env.node.pins());
+    assert!(
+        env.node.leftovers().is_empty(),
+        "{:?}",
+        env.node.leftovers()
+    );
+}
+
+/// A shim killed while its container's closure downloads takes the download with it
+/// (PR_SET_PDEATHSIG): the helper undoes its work, and nothing is left once the pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_killed_mid_download_leaves_no_helper_and_no_pin() {
+    let SlowPod {
+        env,
+        c,
+        mut cri,
+        pod_id,
+        id,
+    } = slow_pod("killed", Duration::from_secs(6)).await;
+    let start = tokio::spawn({
+        let mut cri = cri.clone();
+        let id = id.clone();
+        async move { cri.start_container(&id).await }
+    });
+    wait_for("the preparation to start", Duration::from_secs(20), || {
+        helpers_of(&id).len() == 1
+    })
+    .await;
+    for shim in c.shim_pids() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    wait_for("the helper to stop", Duration::from_secs(5), || {
+        helpers_of(&id).is_empty()
+    })
+    .await;
+    let started = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("the start returns")
+        .unwrap();
+    assert!(started.is_err(), "no container starts without its shim");
+    assert!(env.node.pins().is_empty(), "{:?}", env.node.pins());
+    assert!(
+        env.node.leftovers().is_empty(),
+        "{:?}",
+        env.node.leftovers()
+    );
+    cri.stop_pod(&pod_id).await.expect("stop the pod");
+    cri.delete_pod(&pod_id).await.expect("remove the pod");
+    c.assert_clean().await;
 }

@@ -1,6 +1,6 @@
 //! `nixenv-hook STAGE`: the OCI hook (`precreate`, `prestart`, `createRuntime`, `poststop`),
 //! nixenv-runc's second stage (`runc`) and the containerd shim's helper (`shim-prepare`,
-//! `shim-release`).
+//! `shim-release`, `shim-config`).
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -52,7 +52,7 @@ fn run(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
             let code = wrapper::run(&args[1..], &mut Node::new(), &RealProcess, &EnvLocate);
             std::process::exit(code);
         }
-        s if s == shim::PREPARE_STAGE || s == shim::RELEASE_STAGE => {
+        s if [shim::PREPARE_STAGE, shim::RELEASE_STAGE, shim::CONFIG_STAGE].contains(&s) => {
             shim_logging();
             let code = shim::main(
                 s,
