@@ -886,7 +886,9 @@ async fn a_shim_killed_mid_download_leaves_no_helper_and_no_pin() {
         "{:?}",
         env.node.leftovers()
     );
-    cri.stop_pod(&pod_id).await.expect("stop the pod");
-    cri.delete_pod(&pod_id).await.expect("remove the pod");
+    // containerd 2.x fails the first removal of a pod whose shim died ("ttrpc: closed")
+    // and cleans up on the kubelet's retry.
+    let _ = cri.stop_pod(&pod_id).await;
+    remove_pod(&mut cri, &pod_id).await;
     c.assert_clean().await;
 }
