@@ -120,25 +120,23 @@ pub struct Direct;
 
 impl Wait for Direct {
     async fn wait(&self, pid: i32) -> Exit {
-        use nix::sys::wait::{waitpid, WaitStatus};
         let status = tokio::task::spawn_blocking(move || loop {
-            match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 other => return other,
             }
         })
         .await;
-        let (code, signal) = match status {
-            Ok(Ok(WaitStatus::Exited(_, code))) => (code, None),
-            Ok(Ok(WaitStatus::Signaled(_, sig, _))) => (128 + sig as i32, Some(sig as i32)),
-            _ => (255, None),
-        };
-        Exit {
-            pid,
-            code,
-            signal,
-            at: std::time::SystemTime::now(),
+        match status {
+            Ok(Ok(status)) => reaper::exit_of(status),
+            _ => None,
         }
+        .unwrap_or(Exit {
+            pid,
+            code: 255,
+            signal: None,
+            at: std::time::SystemTime::now(),
+        })
     }
 }
 

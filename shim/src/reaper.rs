@@ -98,6 +98,21 @@ fn deliver(exit: Exit) {
     table.unclaimed.insert(exit.pid, (exit, now));
 }
 
+/// The exit a wait status reports (`None` for stops, continues and the like).
+pub fn exit_of(status: WaitStatus) -> Option<Exit> {
+    let (pid, code, signal) = match status {
+        WaitStatus::Exited(pid, code) => (pid, code, None),
+        WaitStatus::Signaled(pid, sig, _) => (pid, 128 + sig as i32, Some(sig as i32)),
+        _ => return None,
+    };
+    Some(Exit {
+        pid: pid.as_raw(),
+        code,
+        signal,
+        at: SystemTime::now(),
+    })
+}
+
 /// Reaps every child that has exited so far.
 pub fn reap_all() {
     loop {
@@ -106,21 +121,11 @@ pub fn reap_all() {
             Err(Errno::EINTR) => continue,
             Err(_) => return,
         };
-        let exit = match status {
-            WaitStatus::Exited(pid, code) => Exit {
-                pid: pid.as_raw(),
-                code,
-                signal: None,
-                at: SystemTime::now(),
-            },
-            WaitStatus::Signaled(pid, sig, _) => Exit {
-                pid: pid.as_raw(),
-                code: 128 + sig as i32,
-                signal: Some(sig as i32),
-                at: SystemTime::now(),
-            },
-            WaitStatus::StillAlive => return,
-            _ => continue,
+        if status == WaitStatus::StillAlive {
+            return;
+        }
+        let Some(exit) = exit_of(status) else {
+            continue;
         };
         tracing::debug!(pid = exit.pid, code = exit.code, "reaped");
         deliver(exit);
