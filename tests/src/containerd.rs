@@ -549,30 +549,13 @@ impl Containerd {
     /// Pids of shim processes started by this containerd (their command line names its socket).
     pub fn shim_pids(&self) -> Vec<i32> {
         let needle = self.address.display().to_string();
-        let mut pids = Vec::new();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return pids;
-        };
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
+        crate::pids_where(|args| {
             let is_shim = args.first().is_some_and(|a| a.contains("containerd-shim"));
             let ours = args
                 .windows(2)
                 .any(|w| w[0] == "-address" && w[1] == needle);
-            if is_shim && ours {
-                pids.push(pid);
-            }
-        }
-        pids
+            is_shim && ours
+        })
     }
 
     /// After every pod is gone: waits (10 s at most) for this containerd's shims to exit,

@@ -36,6 +36,29 @@ pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};
 pub use node::{bin_path, nixenv_bin, shim_bin, ServedNode, TestNode};
 
+/// Pids of this host's processes whose argv (from `/proc/<pid>/cmdline`, lossily decoded)
+/// satisfies `matches`.
+pub fn pids_where(mut matches: impl FnMut(&[String]) -> bool) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = cmdline
+                .strip_suffix(b"\0")
+                .unwrap_or(&cmdline)
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            matches(&args)
+        })
+        .collect()
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released, so a server can take it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

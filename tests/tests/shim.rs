@@ -12,7 +12,7 @@ use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
 use nixenv_testkit::{
-    free_port, images, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
+    free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
 };
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;
@@ -171,17 +171,7 @@ async fn plain_pod_runs_on_the_nixenv_handler() {
 
 /// Pids of host processes whose command line is exactly `args`.
 fn host_processes(args: &[&str]) -> Vec<i32> {
-    let want: Vec<u8> = args
-        .iter()
-        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
-        .collect();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
-        .collect()
+    pids_where(|argv| argv == args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,21 +777,11 @@ async fn the_preparing_process_stopped_mid_download_leaves_nothing_behind() {
 
 /// `nixenv-hook shim-prepare` processes still running for container `id`.
 fn helpers_of(id: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_helper = args.iter().any(|a| a.ends_with(b"nixenv-hook"))
-            && args.contains(&&b"shim-prepare"[..])
-            && args.contains(&id.as_bytes());
-        if is_helper {
-            pids.push(pid);
-        }
-    }
-    pids
+    pids_where(|args| {
+        args.iter().any(|a| a.ends_with("nixenv-hook"))
+            && args.iter().any(|a| a == "shim-prepare")
+            && args.iter().any(|a| a == id)
+    })
 }
 
 /// A Create the kubelet gave up on leaves its preparation running; when the pod is then
