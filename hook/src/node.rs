@@ -66,6 +66,13 @@ impl Node {
         Ok(rt.block_on(fut))
     }
 
+    /// Drops the pin of `key` (idempotent); returns the configured runc.
+    fn release_pin(&mut self, key: &str) -> Result<Option<PathBuf>, NodeError> {
+        let cfg = self.config()?;
+        runtime::release(cfg, key)?;
+        Ok(cfg.runc.clone())
+    }
+
     /// [`Node::block_on`], abandoned (the future dropped, which undoes its work) on SIGTERM
     /// or SIGINT.
     fn block_on_until_signal<F: std::future::Future>(
@@ -127,9 +134,7 @@ impl crate::shim::ShimCore for Node {
     }
 
     fn release(&mut self, id: &str) -> Result<Option<PathBuf>, NodeError> {
-        let cfg = self.config()?;
-        runtime::release(cfg, id)?;
-        Ok(cfg.runc.clone())
+        self.release_pin(id)
     }
 
     fn configured_runc(&mut self) -> Result<Option<PathBuf>, NodeError> {
@@ -175,9 +180,7 @@ impl crate::wrapper::Core for Node {
     }
 
     fn release(&mut self, id: &str) -> Result<Option<PathBuf>, NodeError> {
-        let cfg = self.config()?;
-        runtime::release(cfg, id)?;
-        Ok(cfg.runc.clone())
+        self.release_pin(id)
     }
 
     fn configured_runc(&self) -> Option<PathBuf> {
@@ -207,8 +210,7 @@ impl crate::hook::Prepare for Node {
     }
 
     fn release(&mut self, key: &str) -> Result<(), NodeError> {
-        let cfg = self.config()?;
-        Ok(runtime::release(cfg, key)?)
+        self.release_pin(key).map(|_| ())
     }
 
     fn store_dir(&self) -> PathBuf {
