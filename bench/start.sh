@@ -29,6 +29,10 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
+# Nix with nixenv's own configuration (tests/nix/nix.conf): never the host's /etc/nix, groups
+# or users (a fresh Debian has no `nixbld` group, and Nix's sandbox would hide /usr/bin).
+export NIX_CONF_DIR="$repo/tests/nix" NIX_USER_CONF_FILES="$repo/tests/nix/nix.conf"
+unset NIX_CONFIG
 work=${1:-/var/tmp/nixenv-bench}
 BIG=${BIG:-1}
 nixx() { nix --extra-experimental-features nix-command "$@"; }

@@ -238,8 +238,13 @@ fn golden_tree_structure() {
 
 fn nix_store(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
     use std::io::Write as _;
+    // nixenv's own Nix configuration (tests/nix/nix.conf), never the host's /etc/nix.
+    let conf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/nix");
     let mut cmd = Command::new("nix-store");
-    cmd.args(args)
+    cmd.env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
+        .env("NIX_CONF_DIR", &conf_dir)
+        .env_remove("NIX_CONFIG")
+        .args(args)
         .stdin(if stdin.is_some() {
             std::process::Stdio::piped()
         } else {

@@ -1,4 +1,5 @@
 //! Fixture closures built by the host's real Nix, their signed binary caches and a catalog.
+//! Nix always runs with nixenv's own configuration, `tests/nix/nix.conf` ([`nix_command`]).
 //!
 //! [`Fixtures::get`] runs `tests/fixtures/build.sh` once per machine into
 //! `/var/tmp/nixenv-fixtures-<hash of the fixture sources and host inputs>` (or
@@ -39,6 +40,7 @@ use sha2::{Digest, Sha256};
 /// The fixture sources; their hash names the fixture directory.
 const SOURCES: &[(&str, &[u8])] = &[
     ("build.sh", include_bytes!("../fixtures/build.sh")),
+    ("nix.conf", include_bytes!("../nix/nix.conf")),
     ("default.nix", include_bytes!("../fixtures/default.nix")),
     ("echoserver.c", include_bytes!("../fixtures/echoserver.c")),
     (
@@ -194,10 +196,18 @@ impl Fixtures {
     ///
     /// Panics with Nix's output if the build fails.
     pub fn get() -> &'static Fixtures {
-        FIXTURES.get_or_init(|| match build_or_load() {
-            Ok(f) => f,
-            Err(e) => panic!("building nixenv test fixtures failed: {e:#}"),
-        })
+        Fixtures::try_get().unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Fixtures::get`], but a failed build is an error (naming the build log,
+    /// [`build_log`]) instead of a panic.
+    pub fn try_get() -> anyhow::Result<&'static Fixtures> {
+        if let Some(f) = FIXTURES.get() {
+            return Ok(f);
+        }
+        let built =
+            build_or_load().map_err(|e| e.context("building nixenv test fixtures failed"))?;
+        Ok(FIXTURES.get_or_init(|| built))
     }
 
     /// The root store paths, for iteration: glibc, busybox, data, echoserver.
@@ -359,6 +369,23 @@ pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(format!("/var/tmp/nixenv-fixtures-{hex}"))
 }
 
+/// A command running the Nix program `program` (`nix-store`, `nix-hash`, …) with nixenv's own
+/// Nix configuration (`tests/nix/nix.conf`), never the host's `/etc/nix` or `NIX_CONFIG`.
+pub fn nix_command(program: &str) -> Command {
+    let conf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("nix");
+    let mut cmd = Command::new(program);
+    cmd.env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
+        .env("NIX_CONF_DIR", conf_dir)
+        .env_remove("NIX_CONFIG");
+    cmd
+}
+
+/// Where the last fixture build on this host wrote its output (`build.sh`'s stdout and
+/// stderr): next to the fixture directory, `<dir>.log`.
+pub fn build_log() -> PathBuf {
+    fixtures_dir().with_extension("log")
+}
+
 fn build_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build.sh")
 }
@@ -427,23 +454,30 @@ fn build_or_load() -> anyhow::Result<Fixtures> {
         return Ok(f);
     }
     let started = std::time::Instant::now();
-    let out = Command::new("sh")
+    let log_path = build_log();
+    let log = fs::File::create(&log_path)
+        .map_err(|e| anyhow::anyhow!("create {}: {e}", log_path.display()))?;
+    let status = Command::new("sh")
         .arg(build_script())
         .arg(&dir)
         .env(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
         .map_err(|e| anyhow::anyhow!("run {}: {e}", build_script().display()))?;
-    if !out.status.success() {
+    if !status.success() {
+        let output = fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = output.lines().collect();
         anyhow::bail!(
-            "{} {} failed ({}):\n{}{}",
+            "{} {} failed ({status}); its output is in {}, ending:\n{}",
             build_script().display(),
             dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            log_path.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
         );
     }
     let _ = writeln!(

@@ -15,7 +15,7 @@ use nixenv_core::nix::{NarHash, StorePath};
 use nixenv_core::pin::{self, Owner, OwnerKind};
 use nixenv_core::runtime::{self, Decision};
 use nixenv_core::store::Store;
-use nixenv_testkit::fixtures::store_path_base;
+use nixenv_testkit::fixtures::{nix_command, store_path_base};
 use nixenv_testkit::{Cache, CacheServer, Fault, Fixtures, TestNode};
 use rand::{Rng, SeedableRng};
 
@@ -97,7 +97,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, String> {
 fn verify(node: &TestNode, path: &str) -> Result<(), String> {
     let want = NarHash::parse(&Fixtures::get().narinfo(CACHE, path).nar_hash).unwrap();
     let real = node.store_dir().join(store_path_base(path));
-    let out = Command::new("nix-store")
+    let out = nix_command("nix-store")
         .arg("--dump")
         .arg(&real)
         .output()

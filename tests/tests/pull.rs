@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use nixenv_testkit::fixtures::{echo, store_path_base, store_path_hash};
+use nixenv_testkit::fixtures::{echo, nix_command, store_path_base, store_path_hash};
 use nixenv_testkit::{Cache, CacheServer, Fault, Fixtures, TestNode};
 
 /// A node that trusts the fixture key and uses `substituters` in order.
@@ -51,7 +51,7 @@ fn assert_pulled_echoserver(out: &Output) {
 
 /// Nix's NAR hash (`sha256:<nixbase32>`) and size of a path anywhere on disk.
 fn nix_nar_hash_and_size(path: &Path) -> (String, u64) {
-    let hash = Command::new("nix-hash")
+    let hash = nix_command("nix-hash")
         .args(["--type", "sha256", "--base32"])
         .arg(path)
         .output()
@@ -62,7 +62,7 @@ fn nix_nar_hash_and_size(path: &Path) -> (String, u64) {
         path.display(),
         stderr(&hash)
     );
-    let mut dump = Command::new("nix-store")
+    let mut dump = nix_command("nix-store")
         .arg("--dump")
         .arg(path)
         .stdout(Stdio::piped())

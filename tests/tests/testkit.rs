@@ -8,14 +8,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nixenv_testkit::fixtures::{echo, http_get, store_path_base};
+use nixenv_testkit::fixtures::{echo, http_get, nix_command, store_path_base};
 use nixenv_testkit::{Cache, CacheServer, Fault, Fixtures};
 
 /// Substitutes echoserver's closure with Nix 2.8 itself into a fresh chroot store.
 fn nix_substitute(cache: Cache) -> std::process::Output {
     let fx = Fixtures::get();
     let store = tempfile::tempdir().unwrap();
-    Command::new("nix-store")
+    nix_command("nix-store")
         .arg("--store")
         .arg(store.path())
         .args(["--realise", &fx.echoserver])
@@ -54,7 +54,7 @@ fn fixture_closures_have_the_promised_graph() {
     expected.sort();
     assert_eq!(closure, expected);
     let refs = |p: &str| {
-        let out = Command::new("nix-store")
+        let out = nix_command("nix-store")
             .args(["-q", "--references", p])
             .output()
             .unwrap();

@@ -3,6 +3,11 @@
 # Usage: core/tests/data/make-golden.sh
 set -eu
 out=$(cd "$(dirname "$0")" && pwd)
+# Nix with nixenv's own configuration (tests/nix/nix.conf): never the host's /etc/nix, groups
+# or users (a fresh Debian has no `nixbld` group, and Nix's sandbox would hide /usr/bin).
+nixconf=$(cd "$out/../../.." && pwd)/tests/nix
+export NIX_CONF_DIR="$nixconf" NIX_USER_CONF_FILES="$nixconf/nix.conf"
+unset NIX_CONFIG
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 nixx() { nix --extra-experimental-features nix-command "$@"; }
