@@ -71,6 +71,10 @@ fn target_dir() -> PathBuf {
 struct Packages {
     deb: PathBuf,
     rpm: PathBuf,
+    /// `nixenv-dbgsym`: the deb's debug info.
+    dbgsym: PathBuf,
+    /// `nixenv-debuginfo`: the rpm's debug info.
+    debuginfo: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -88,26 +92,29 @@ fn packages() -> &'static Packages {
         );
         eprintln!("packaging/build --profile dev: {:.1?}", start.elapsed());
         let lines: Vec<PathBuf> = text(&out.stdout).lines().map(PathBuf::from).collect();
-        let find = |ext: &str| {
-            lines
-                .iter()
-                .find(|p| p.extension().is_some_and(|e| e == ext))
-                .unwrap_or_else(|| panic!("packaging/build printed no .{ext}: {lines:?}"))
-                .clone()
-        };
-        let (deb, rpm) = (find("deb"), find("rpm"));
         let version = env!("CARGO_PKG_VERSION");
+        let names: Vec<&str> = lines
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str())
+            .collect();
         assert_eq!(
-            deb.file_name().unwrap().to_str().unwrap(),
-            format!("nixenv_{version}_amd64.deb")
+            names,
+            [
+                format!("nixenv_{version}_amd64.deb"),
+                format!("nixenv-{version}.x86_64.rpm"),
+                format!("nixenv-dbgsym_{version}_amd64.deb"),
+                format!("nixenv-debuginfo-{version}.x86_64.rpm"),
+            ],
+            "packaging/build prints the main packages, then their debug packages"
         );
-        assert_eq!(
-            rpm.file_name().unwrap().to_str().unwrap(),
-            format!("nixenv-{version}.x86_64.rpm")
-        );
+        for p in &lines {
+            assert!(p.is_file(), "{} does not exist", p.display());
+        }
         Packages {
-            deb,
-            rpm,
+            deb: lines[0].clone(),
+            rpm: lines[1].clone(),
+            dbgsym: lines[2].clone(),
+            debuginfo: lines[3].clone(),
             _dir: dir,
         }
     })
@@ -739,6 +746,102 @@ fn rpm_holds_the_same_files_as_the_deb() {
         scripts.contains("node-config install") && scripts.contains("node-config remove"),
         "{scripts}"
     );
+}
+
+/// `readelf ARGS FILE`'s output.
+fn readelf(args: &[&str], file: &Path) -> String {
+    text(&run_ok(Command::new("readelf").args(args).arg(file)).stdout)
+}
+
+/// The GNU build-id of an ELF file (hex).
+fn build_id(file: &Path) -> String {
+    readelf(&["-n"], file)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("{} has no build-id", file.display()))
+        .trim()
+        .to_owned()
+}
+
+/// The section names of an ELF file.
+fn sections(file: &Path) -> BTreeSet<String> {
+    readelf(&["-S", "-W"], file)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let rest = l.strip_prefix('[')?.split_once(']')?.1;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn binaries_are_stripped_and_their_debug_info_ships_apart_by_build_id() {
+    if !packaging_tools_present() {
+        eprintln!("skipped: needs dpkg-deb, jq and rpmbuild (or root to install rpm)");
+        return;
+    }
+    let pkgs = packages();
+    let tmp = tempfile::tempdir().unwrap();
+    let (main, dbg) = (tmp.path().join("main"), tmp.path().join("dbg"));
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(&pkgs.deb).arg(&main));
+    run_ok(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&pkgs.dbgsym)
+            .arg(&dbg),
+    );
+    let mut debug_files = BTreeSet::new();
+    for bin in [
+        "nixenv",
+        "containerd-shim-nixenv-v2",
+        "nixenv-runc",
+        "nixenv-hook",
+    ] {
+        let f = main.join("usr/bin").join(bin);
+        let secs = sections(&f);
+        assert!(
+            !secs
+                .iter()
+                .any(|s| s == ".symtab" || s.starts_with(".debug_")),
+            "{bin} is stripped: {secs:?}"
+        );
+        assert!(secs.contains(".gnu_debuglink"), "{bin}: {secs:?}");
+        let id = build_id(&f);
+        let rel = format!("usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+        let d = dbg.join(&rel);
+        assert!(d.is_file(), "{bin}: {rel} is in the dbgsym package");
+        assert_eq!(build_id(&d), id, "{rel}");
+        let dsecs = sections(&d);
+        assert!(
+            dsecs.contains(".symtab"),
+            "{rel} has the symbols: {dsecs:?}"
+        );
+        // The dev profile keeps line tables (`debug = "line-tables-only"`), except in the
+        // no_std first stage.
+        if bin != "nixenv-runc" {
+            assert!(dsecs.contains(".debug_line"), "{rel}: {dsecs:?}");
+        }
+        debug_files.insert(format!("/{rel}"));
+    }
+    let control = text(
+        &run_ok(
+            Command::new("dpkg-deb")
+                .arg("-f")
+                .arg(&pkgs.dbgsym)
+                .args(["Package", "Depends", "Section"]),
+        )
+        .stdout,
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(control.contains("Package: nixenv-dbgsym"), "{control}");
+    assert!(
+        control.contains(&format!("Depends: nixenv (= {version})")),
+        "{control}"
+    );
+    assert_eq!(deb_files(&pkgs.dbgsym), debug_files);
+    assert_eq!(rpm_files(&pkgs.debuginfo), debug_files);
 }
 
 #[test]
