@@ -449,6 +449,37 @@ fn catalog_down_with_and_without_a_cached_lock() {
 }
 
 #[test]
+fn a_lock_setting_a_reserved_variable_is_refused() {
+    let fx = Fixtures::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fx.catalog_copy(&tmp.path().join("catalog"));
+    let good = std::fs::read_to_string(dir.join("acme/echoserver/current.json")).unwrap();
+    let d = dir.join("acme/reserved");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("current.json"),
+        good.replace("ECHO_MESSAGE", "NIXENV_CONFIG")
+            .replace("acme/echoserver", "acme/reserved"),
+    )
+    .unwrap();
+    let cache = CacheServer::serve(fx.cache(Cache::Zstd));
+    let catalog = format!("file://{}", dir.display());
+    let node = TestNode::new()
+        .substituter(&cache.url())
+        .trusting(&fx.trusted_key.public)
+        .with_catalog(&catalog);
+    assert_eq!(
+        fails(&node, &["pull", "acme/reserved"]),
+        format!(
+            "nixenv: acme/reserved: {catalog}/acme/reserved/current.json: malformed lock: {}: \
+             env variable NIXENV_CONFIG is reserved: NIXENV_* names belong to nixenv",
+            fx.system
+        )
+    );
+    assert!(node.store_entries().is_empty());
+}
+
+#[test]
 fn malformed_locks_newer_schemas_and_missing_systems_are_refused() {
     let fx = Fixtures::get();
     let tmp = tempfile::tempdir().unwrap();

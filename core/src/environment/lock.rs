@@ -6,7 +6,8 @@
 //!                               "env": {"ECHO_MESSAGE": "hello from nix"}}}}
 //! ```
 //!
-//! Unknown fields are ignored; a higher `schema` is an error. `env` keeps the lock's order.
+//! Unknown fields are ignored; a higher `schema` is an error. `env` keeps the lock's order and
+//! may not set `PATH` or any `NIXENV_*` name ([`reserved_env`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -20,8 +21,23 @@ use crate::nix::StorePath;
 /// The lock schema this version reads and writes.
 pub const LOCK_SCHEMA: u64 = 1;
 
-/// Variables a lock may not set: nixenv computes them.
-pub const RESERVED_ENV: &[&str] = &["PATH", "NIXENV_ENVIRONMENT", "NIXENV_GENERATION"];
+/// Variables a lock may not set besides [`RESERVED_ENV_PREFIX`]: nixenv computes them.
+pub const RESERVED_ENV: &[&str] = &["PATH"];
+
+/// Names starting with this are nixenv's own (`NIXENV_CONFIG`, `NIXENV_ENVIRONMENT`,
+/// `NIXENV_GENERATION`, and any it adds later): no lock may set one.
+pub const RESERVED_ENV_PREFIX: &str = "NIXENV_";
+
+/// Why a lock may not set `name`, if it is reserved ([`RESERVED_ENV`], [`RESERVED_ENV_PREFIX`]).
+pub fn reserved_env(name: &str) -> Option<&'static str> {
+    if name.starts_with(RESERVED_ENV_PREFIX) {
+        Some("NIXENV_* names belong to nixenv")
+    } else if RESERVED_ENV.contains(&name) {
+        Some("nixenv builds it from the lock's paths")
+    } else {
+        None
+    }
+}
 
 /// A generation's lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,12 +149,18 @@ pub enum LockError {
         name: String,
         reason: &'static str,
     },
+    #[error("{system}: env variable {name} is reserved: {reason}")]
+    ReservedEnvName {
+        system: String,
+        name: String,
+        reason: &'static str,
+    },
     #[error("{system}: env variable {name} has a value containing NUL")]
     BadEnvValue { system: String, name: String },
 }
 
 /// Checks an environment variable name as Kubernetes does: `[-._a-zA-Z][-._a-zA-Z0-9]*`,
-/// and not one of [`RESERVED_ENV`].
+/// and not reserved ([`reserved_env`]).
 pub fn check_env_name(name: &str) -> Result<(), &'static str> {
     let mut bytes = name.bytes();
     match bytes.next() {
@@ -152,10 +174,10 @@ pub fn check_env_name(name: &str) -> Result<(), &'static str> {
     {
         return Err("allowed characters are A-Z, a-z, 0-9, '-', '.', '_'");
     }
-    if RESERVED_ENV.contains(&name) {
-        return Err("reserved: nixenv sets it");
+    match reserved_env(name) {
+        Some(_) => Err("reserved for nixenv"),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks an environment variable value (no NUL).
@@ -183,6 +205,13 @@ pub fn validate_system(system: &str, s: &SystemLock) -> Result<(), LockError> {
         }
     }
     for (k, v) in s.env.iter() {
+        if let Some(reason) = reserved_env(k) {
+            return Err(LockError::ReservedEnvName {
+                system: system.to_owned(),
+                name: k.to_owned(),
+                reason,
+            });
+        }
         check_env_name(k).map_err(|reason| LockError::BadEnvName {
             system: system.to_owned(),
             name: k.to_owned(),
@@ -379,7 +408,18 @@ mod tests {
                 lock_json("").replace("ZED", "Z=D"),
                 "invalid env variable name \"Z=D\"",
             ),
-            (lock_json("").replace("ZED", "PATH"), "reserved"),
+            (
+                lock_json("").replace("ZED", "PATH"),
+                "x86_64-linux: env variable PATH is reserved: nixenv builds it from the lock's paths",
+            ),
+            (
+                lock_json("").replace("ZED", "NIXENV_CONFIG"),
+                "x86_64-linux: env variable NIXENV_CONFIG is reserved: NIXENV_* names belong to nixenv",
+            ),
+            (
+                lock_json("").replace("ZED", "NIXENV_GENERATION"),
+                "env variable NIXENV_GENERATION is reserved",
+            ),
             (lock_json("").replace("ZED", ""), "empty"),
             (lock_json("").replace("ZED", "1X"), "digit"),
             (lock_json("").replace("\"last\"", "\"a\\u0000b\""), "NUL"),
