@@ -449,6 +449,44 @@ fn catalog_down_with_and_without_a_cached_lock() {
 }
 
 #[test]
+fn publish_after_the_largest_generation_refuses_in_one_line() {
+    let fx = Fixtures::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fx.catalog_copy(&tmp.path().join("catalog"));
+    let gens = dir.join("acme/echoserver/generations");
+    let last = std::fs::read_to_string(gens.join("2.json"))
+        .unwrap()
+        .replace(
+            "\"generation\": 2",
+            &format!("\"generation\": {}", u64::MAX),
+        );
+    std::fs::write(gens.join(format!("{}.json", u64::MAX)), &last).unwrap();
+    std::fs::write(dir.join("acme/echoserver/current.json"), &last).unwrap();
+    let cache = CacheServer::serve(fx.cache(Cache::Zstd));
+    let node = TestNode::new()
+        .substituter(&cache.url())
+        .trusting(&fx.trusted_key.public);
+    let e = fails(
+        &node,
+        &[
+            "publish",
+            "--catalog",
+            dir.to_str().unwrap(),
+            "acme/echoserver",
+            &fx.busybox,
+        ],
+    );
+    assert_eq!(
+        e,
+        format!(
+            "nixenv: acme/echoserver: generation {} is the largest possible, no generation can follow it",
+            u64::MAX
+        )
+    );
+    assert!(!gens.join("0.json").exists());
+}
+
+#[test]
 fn a_lock_setting_a_reserved_variable_is_refused() {
     let fx = Fixtures::get();
     let tmp = tempfile::tempdir().unwrap();

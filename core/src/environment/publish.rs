@@ -11,6 +11,7 @@
 //! - `current.json` is replaced atomically (temporary file, fsync, rename) under an exclusive
 //!   lock on `{org}/{app}/.publish.lock`, and only if the new generation is greater than the
 //!   one it names: current never goes backwards.
+//! - No generation follows `u64::MAX`: publishing then fails, numbers never wrap around.
 //! - A catalog is published to as a directory or a `file://` URL; `http(s)://` is read-only.
 
 use std::collections::BTreeMap;
@@ -41,7 +42,8 @@ pub enum PublishError {
     BadCatalog { value: String, reason: String },
     #[error("no catalog given (use --catalog or set `catalog` in the nixenv config)")]
     NoCatalog,
-    #[error("{name}: {source}")]
+    /// The caller names the environment (as for every variant).
+    #[error("{source}")]
     InvalidLock {
         name: EnvName,
         #[source]
@@ -60,6 +62,9 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The newest generation is `u64::MAX`: there is no next number.
+    #[error("generation {newest} is the largest possible, no generation can follow it")]
+    GenerationsExhausted { name: EnvName, newest: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -233,7 +238,16 @@ pub fn write_generation(
         }
     }
     let newest_file = existing_generations(&gen_dir)?.last().copied().unwrap_or(0);
-    let mut generation = newest_file.max(current.map_or(0, |c| c.generation)) + 1;
+    let newest = newest_file.max(current.map_or(0, |c| c.generation));
+    let next = |newest: u64| {
+        newest
+            .checked_add(1)
+            .ok_or_else(|| PublishError::GenerationsExhausted {
+                name: name.clone(),
+                newest,
+            })
+    };
+    let mut generation = next(newest)?;
     let (bytes, path) = loop {
         let lock = Lock::new(name.clone(), generation, systems.clone());
         lock.validate()
@@ -248,7 +262,7 @@ pub fn write_generation(
         if atomic::create_exclusive(&path, &bytes, 0o644).map_err(io_err(&path))? {
             break (bytes, path);
         }
-        generation += 1;
+        generation = next(generation)?;
     };
     let current_path = env_dir.join("current.json");
     let moved = match current_generation(&env_dir) {
@@ -365,6 +379,27 @@ mod tests {
             },
         );
         m
+    }
+
+    #[test]
+    fn no_generation_follows_the_largest_one() {
+        let d = tempfile::tempdir().unwrap();
+        let name: EnvName = "acme/app".parse().unwrap();
+        let gen_dir = d.path().join("acme/app/generations");
+        fs::create_dir_all(&gen_dir).unwrap();
+        fs::write(gen_dir.join(format!("{}.json", u64::MAX)), b"{}").unwrap();
+        let e = write_generation(d.path(), &name, systems(&[A], &[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "generation {} is the largest possible, no generation can follow it",
+                u64::MAX
+            )
+        );
+        // Nothing was written: no generation 0, no current.json.
+        let names: Vec<_> = fs::read_dir(&gen_dir).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        assert!(!d.path().join("acme/app/current.json").exists());
     }
 
     #[test]
