@@ -10,6 +10,8 @@ use crate::nix::{NarHash, StorePath};
 use crate::store::unpack::UnpackError;
 use crate::store::StoreError;
 
+use super::confine::NarUrlError;
+
 fn list(urls: &[Url]) -> String {
     urls.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
 }
@@ -26,6 +28,14 @@ pub enum SubstituteError {
         path: StorePath,
         cache: Box<Url>,
         message: String,
+    },
+    #[error("{path}: NAR URL {url:?} of substituter {cache} {source}")]
+    NarUrl {
+        path: StorePath,
+        url: String,
+        cache: Box<Url>,
+        #[source]
+        source: Box<NarUrlError>,
     },
     #[error("{path}: bad narinfo {url}: {source}")]
     BadNarInfo {
@@ -131,6 +141,7 @@ impl SubstituteError {
             NotFound { path, .. }
             | NoSubstituters { path }
             | BadCache { path, .. }
+            | NarUrl { path, .. }
             | BadNarInfo { path, .. }
             | WrongNarInfo { path, .. }
             | Signature { path, .. }

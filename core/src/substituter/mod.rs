@@ -10,7 +10,8 @@
 //!   `http-connections`), over the substituters in order (a 404 moves on to the next one);
 //!   each cache's `nix-cache-info` is checked once (`StoreDir: /nix/store`); the narinfo must
 //!   describe the requested path and carry a signature by a trusted key (unless
-//!   `require-sigs = false`).
+//!   `require-sigs = false`). Its NAR URL is not signed: it must stay inside the cache that
+//!   served the narinfo, encoded separators included ([`confine`]).
 //! - As soon as a path is resolved its NAR is downloaded, in parallel with the rest of the
 //!   walk: under the path's store lock (re-checking validity, so concurrent processes fetch
 //!   each path once), body chunks go through a bounded channel to a blocking thread that
@@ -21,6 +22,7 @@
 //!   complete only when every install has succeeded. On the first failure the others are
 //!   cancelled and their staging areas removed before the error is returned.
 
+pub mod confine;
 pub mod error;
 pub mod progress;
 pub mod resolve;
@@ -339,15 +341,13 @@ impl<F: Fetch> Substituter<F> {
                 cache: Box::new(cache.clone()),
                 message: format!("bad NAR URL {:?}: {e}", info.url),
             })?;
-        // The narinfo's URL is not signed: it must stay within the cache that served it
-        // (no other scheme, host or file outside the cache).
-        if !within(&cache, &url) {
-            return Err(SubstituteError::BadCache {
-                path: path.clone(),
-                cache: Box::new(cache.clone()),
-                message: format!("NAR URL {:?} points outside the cache", info.url),
-            });
-        }
+        // The narinfo's URL is not signed: it must stay within the cache that served it.
+        confine::check(&cache, &url).map_err(|source| SubstituteError::NarUrl {
+            path: path.clone(),
+            url: info.url.clone(),
+            cache: Box::new(cache.clone()),
+            source: Box::new(source),
+        })?;
         let info = Arc::new(info);
         progress.download_started(&path, &url, info.file_size, info.nar_size);
         let span = tracing::info_span!("nar", %path, %url);
@@ -499,36 +499,5 @@ fn fetch_failure(path: &StorePath, url: &Url, source: FetchError) -> SubstituteE
             path: path.clone(),
             source: Box::new(source),
         },
-    }
-}
-
-/// Whether `url` lies under `cache` (same scheme, host and port; path below the cache's).
-fn within(cache: &Url, url: &Url) -> bool {
-    let base = cache.path();
-    let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
-    url.scheme() == cache.scheme()
-        && url.host_str() == cache.host_str()
-        && url.port_or_known_default() == cache.port_or_known_default()
-        && url.path().starts_with(dir)
-}
-
-#[cfg(test)]
-mod within_tests {
-    use super::within;
-    use url::Url;
-
-    #[test]
-    fn nar_urls_must_stay_in_their_cache() {
-        let cache = Url::parse("http://127.0.0.1:8080/cache/").unwrap();
-        let ok = |rel: &str| within(&cache, &cache.join(rel).unwrap());
-        assert!(ok("nar/abc.nar.xz"));
-        assert!(!ok("../etc/passwd"));
-        assert!(!ok("/nar/abc.nar"));
-        assert!(!ok("file:///dev/zero"));
-        assert!(!ok("http://169.254.169.254/latest"));
-        assert!(!ok("http://127.0.0.1:9999/cache/nar/x"));
-        let file = Url::parse("file:///srv/cache/").unwrap();
-        assert!(within(&file, &file.join("nar/x.nar").unwrap()));
-        assert!(!within(&file, &file.join("../../etc/shadow").unwrap()));
     }
 }

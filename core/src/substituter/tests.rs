@@ -821,3 +821,47 @@ async fn referrers_of_a_failed_path_are_not_installed() {
         .collect();
     assert_eq!(left, Vec::<String>::new());
 }
+
+/// Rewrites the narinfo of `path` in the cache at `base` with `edit` (without re-signing).
+fn edit_narinfo(fake: &FakeFetch, base: &str, path: &StorePath, edit: impl FnOnce(&mut NarInfo)) {
+    let base = with_slash(Url::parse(base).unwrap());
+    let url = base
+        .join(&format!("{}.narinfo", path.hash_str()))
+        .unwrap()
+        .to_string();
+    let text = String::from_utf8(fake.files.lock().unwrap()[&url].clone()).unwrap();
+    let mut info = NarInfo::parse(&text).unwrap();
+    edit(&mut info);
+    fake.put(&url, info.render().into_bytes());
+}
+
+#[tokio::test]
+async fn percent_encoded_separators_in_a_nar_url_are_refused_before_any_request() {
+    for (cache, rel) in [
+        (CACHE1, "nar/..%2F..%2F..%2Fetc%2Fpasswd"),
+        (CACHE1, "nar/..%5c..%5cetc%5cpasswd"),
+        ("file:///srv/cache/", "nar/..%2f..%2f..%2fetc%2fshadow"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let a = sp("escape", 1);
+        publish(&fake, cache, &a, &[], Compression::None, Some(&key()));
+        edit_narinfo(&fake, cache, &a, |i| i.url = rel.into());
+        let sub = substituter(&config(dir.path(), &[cache]), fake);
+        let e = sub
+            .materialise(std::slice::from_ref(&a), &NoProgress)
+            .await
+            .unwrap_err();
+        let encoded = &rel[6..9];
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{a}: NAR URL {rel:?} of substituter {cache} contains the percent-encoded \
+                 separator {encoded}"
+            )
+        );
+        // Only nix-cache-info and the narinfo were requested.
+        assert_eq!(sub.fetch.total(), 2, "{cache} {rel}");
+        assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+    }
+}
