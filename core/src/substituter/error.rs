@@ -16,6 +16,14 @@ fn list(urls: &[Url]) -> String {
     urls.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
 }
 
+fn chain(paths: &[StorePath]) -> String {
+    paths
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
 /// A failure of the substituter.
 #[derive(Debug, thiserror::Error)]
 pub enum SubstituteError {
@@ -114,6 +122,11 @@ pub enum SubstituteError {
     Keys(SignatureError),
     #[error("{path}: installer task failed: {message}")]
     Task { path: StorePath, message: String },
+    #[error("{path}: reference cycle {}, refused", chain(.cycle))]
+    Cycle {
+        path: StorePath,
+        cycle: Vec<StorePath>,
+    },
     #[error("{path}: cancelled")]
     Cancelled { path: StorePath },
 }
@@ -154,6 +167,7 @@ impl SubstituteError {
             | Unpack { path, .. }
             | Store { path, .. }
             | Task { path, .. }
+            | Cycle { path, .. }
             | Cancelled { path } => Some(path),
             OpenStore { .. } | Netrc(_) | Keys(_) => None,
         }

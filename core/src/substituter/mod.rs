@@ -18,11 +18,15 @@
 //!   decompresses, hashes, unpacks into a staging area and verifies NarHash/NarSize before
 //!   the commit rename. A failed attempt that may succeed again (5xx, reset, timeout, a
 //!   stream broken midway) restarts that NAR from scratch, with backoff.
+//! - Once every path of the closure is resolved, the reference graph is checked for a cycle
+//!   (self-references aside; Nix never makes one, a signer might): a cycle is refused, as
+//!   its paths would each wait for the others to be committed first ([`cycle`]).
 //! - Paths are installed in parallel, not in reference order; the returned closure is
 //!   complete only when every install has succeeded. On the first failure the others are
 //!   cancelled and their staging areas removed before the error is returned.
 
 pub mod confine;
+pub mod cycle;
 pub mod error;
 pub mod progress;
 pub mod resolve;
@@ -214,6 +218,9 @@ impl<F: Fetch> Substituter<F> {
         let mut queue: VecDeque<StorePath> = roots.iter().cloned().collect();
         let mut pending: FuturesUnordered<BoxFuture<'_, Event>> = FuturesUnordered::new();
         let mut first_err: Option<SubstituteError> = None;
+        // Narinfo lookups in flight; once none is left the whole graph is known.
+        let mut resolving = 0usize;
+        let mut cycles_checked = false;
 
         loop {
             while first_err.is_none() {
@@ -237,6 +244,7 @@ impl<F: Fetch> Substituter<F> {
                         let fut = self
                             .resolver
                             .resolve(&self.fetch, p.clone(), &state.requests);
+                        resolving += 1;
                         pending.push(
                             async move {
                                 let r = tokio::select! {
@@ -259,9 +267,23 @@ impl<F: Fetch> Substituter<F> {
                     }
                 }
             }
+            if first_err.is_none() && queue.is_empty() && resolving == 0 && !cycles_checked {
+                // Members of a cycle would each wait for the others forever: refuse it.
+                cycles_checked = true;
+                if let Some(cycle) = cycle::find_cycle(&refs) {
+                    first_err = Some(SubstituteError::Cycle {
+                        path: cycle[0].clone(),
+                        cycle,
+                    });
+                    cancel.cancel();
+                }
+            }
             let Some(ev) = pending.next().await else {
                 break;
             };
+            if let Event::Resolved(..) = ev {
+                resolving -= 1;
+            }
             match ev {
                 Event::Resolved(p, Ok(resolved)) => {
                     let (info, cache) = *resolved;

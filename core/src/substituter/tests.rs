@@ -865,3 +865,49 @@ async fn percent_encoded_separators_in_a_nar_url_are_refused_before_any_request(
         assert_eq!(store_entries(dir.path()), Vec::<String>::new());
     }
 }
+
+#[tokio::test]
+async fn a_reference_cycle_is_refused_instead_of_waiting_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let (root, a, b) = (sp("root", 1), sp("a", 2), sp("b", 3));
+    let k = key();
+    publish(
+        &fake,
+        CACHE1,
+        &a,
+        &[b.clone(), a.clone()],
+        Compression::Zstd,
+        Some(&k),
+    );
+    publish(
+        &fake,
+        CACHE1,
+        &b,
+        std::slice::from_ref(&a),
+        Compression::Zstd,
+        Some(&k),
+    );
+    publish(
+        &fake,
+        CACHE1,
+        &root,
+        std::slice::from_ref(&a),
+        Compression::Zstd,
+        Some(&k),
+    );
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        sub.materialise(std::slice::from_ref(&root), &NoProgress),
+    )
+    .await
+    .expect("the pull must not hang on a cycle")
+    .unwrap_err();
+    let (x, y) = (a.clone().min(b.clone()), a.max(b));
+    assert_eq!(
+        e.to_string(),
+        format!("{x}: reference cycle {x} -> {y} -> {x}, refused")
+    );
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+}
