@@ -204,6 +204,10 @@ impl<R: Read> HashingReader<R> {
     pub fn finish(self) -> (NarHash, u64) {
         self.hasher.finish()
     }
+    /// The wrapped reader, by reference.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
     /// The wrapped reader.
     pub fn into_inner(self) -> R {
         self.inner

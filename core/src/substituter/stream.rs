@@ -1,6 +1,7 @@
 //! The blocking half of a NAR download: body chunks from a bounded channel → decompress →
 //! SHA-256 and byte count → unpack into the store's staging area → verify → commit.
-//! One pass, no temporary NAR file.
+//! One pass, no temporary NAR file; the first error (decompression, archive, size) ends the
+//! pass without reading the rest of the stream.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -104,6 +105,34 @@ impl<R: Read> Read for CappedReader<R> {
     }
 }
 
+/// A `Read` that remembers whether its input has ended (a read into a non-empty buffer
+/// returned nothing, or a decompressor found its input cut short), so that an archive cut
+/// short is told from a malformed one.
+pub(crate) struct EndReader<R> {
+    inner: R,
+    ended: bool,
+}
+
+impl<R> EndReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        EndReader {
+            inner,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for EndReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.inner.read(buf);
+        self.ended |= match &r {
+            Ok(n) => *n == 0 && !buf.is_empty(),
+            Err(e) => e.kind() == io::ErrorKind::UnexpectedEof,
+        };
+        r
+    }
+}
+
 /// A decompressing reader for `compression`.
 pub(crate) fn decoder<'a, R: Read + 'a>(
     compression: Compression,
@@ -144,21 +173,16 @@ pub(crate) fn unpack_and_verify<R: Read>(
     let dec = decoder(info.compression, input).map_err(decompress_err)?;
     // Never read more than NarSize + 1 bytes: a NAR larger than announced is refused
     // without filling the disk first.
-    let mut hashing = HashingReader::new(dec.take(info.nar_size.saturating_add(1)));
+    let mut hashing = HashingReader::new(EndReader::new(dec.take(info.nar_size.saturating_add(1))));
     let mut limits = limits.clone();
     limits.max_total_size = limits.max_total_size.min(info.nar_size);
     let unpacked = staging.unpack(&mut hashing, &limits);
     if let Err(e) = unpacked {
-        // An invalid archive (not an I/O failure): read the rest, so that an altered NAR is
-        // reported as a hash mismatch, and a short one as truncated, rather than as whatever
-        // broke the parser.
-        let drained = match &e {
-            UnpackError::Nar(NarError::Io { .. }) => None,
-            UnpackError::Nar(_) => Some(io::copy(&mut hashing, &mut io::sink()).map(|_| ())),
-            _ => None,
-        };
-        let (got, size) = hashing.finish();
-        return Err(classify(e, drained, got, size, info, &decompress_err));
+        // Stop at the first error: the rest of the stream is not read (a hostile cache could
+        // otherwise keep the download, and the path's lock, busy up to the signed NarSize).
+        let ended = hashing.get_ref().ended;
+        let (_, size) = hashing.finish();
+        return Err(classify(e, ended, size, info, &decompress_err));
     }
     let (got, size) = hashing.finish();
     if size != info.nar_size {
@@ -189,41 +213,32 @@ pub(crate) fn unpack_and_verify<R: Read>(
 }
 
 /// Turns an unpack failure into the most useful error: a truncated stream, a decompression
-/// failure, a hash or size mismatch (the archive was altered), or an invalid NAR that the
-/// cache nevertheless signed. `drained` is the result of reading the stream to its end after
-/// an archive error; `got` and `size` are the hash and size of everything read.
+/// failure, a NAR larger than its signed NarSize, or an invalid archive. `size` is the number
+/// of NAR bytes read when the unpacker stopped; `ended` whether the stream had ended then.
 fn classify(
     e: UnpackError,
-    drained: Option<io::Result<()>>,
-    got: crate::nix::NarHash,
+    ended: bool,
     size: u64,
     info: &NarInfo,
     decompress_err: &dyn Fn(io::Error) -> SubstituteError,
 ) -> SubstituteError {
     let path = &info.store_path;
     let truncated = || SubstituteError::Truncated { path: path.clone() };
-    let eof = |e: &io::Error| e.kind() == io::ErrorKind::UnexpectedEof;
-    match (e, drained) {
-        (UnpackError::Nar(NarError::Io { source, .. }), _) => {
-            if eof(&source) && size < info.nar_size {
+    match e {
+        UnpackError::Nar(NarError::Io { source, .. }) => {
+            if source.kind() == io::ErrorKind::UnexpectedEof && size < info.nar_size {
                 truncated()
             } else {
                 decompress_err(source)
             }
         }
-        (_, Some(Err(de))) if !eof(&de) => decompress_err(de),
-        (_, Some(_)) if size < info.nar_size => truncated(),
-        (_, Some(Ok(()))) if size > info.nar_size => SubstituteError::SizeMismatch {
+        UnpackError::Nar(_) if ended && size < info.nar_size => truncated(),
+        _ if size > info.nar_size => SubstituteError::SizeMismatch {
             path: path.clone(),
             expected: info.nar_size,
             got: size,
         },
-        (_, Some(Ok(()))) if got != info.nar_hash => SubstituteError::HashMismatch {
-            path: path.clone(),
-            expected: Box::new(info.nar_hash),
-            got: Box::new(got),
-        },
-        (e, _) => SubstituteError::Unpack {
+        e => SubstituteError::Unpack {
             path: path.clone(),
             source: Box::new(e),
         },

@@ -644,7 +644,7 @@ async fn tampered_and_truncated_nars_leave_nothing() {
         );
         assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
 
-        // Structurally broken but complete: still reported as a hash mismatch.
+        // Structurally broken: the archive error, found without reading further.
         let dir = tempfile::tempdir().unwrap();
         let fake = FakeFetch::default();
         let nar_url = publish(&fake, CACHE1, &a, &[], c, Some(&key()));
@@ -659,7 +659,7 @@ async fn tampered_and_truncated_nars_leave_nothing() {
             .unwrap_err();
         assert!(
             e.to_string()
-                .starts_with(&format!("{a}: NAR hash mismatch")),
+                .starts_with(&format!("{a}: invalid NAR at /lib")),
             "{c}: {e}"
         );
         assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
@@ -909,5 +909,40 @@ async fn a_reference_cycle_is_refused_instead_of_waiting_forever() {
         e.to_string(),
         format!("{x}: reference cycle {x} -> {y} -> {x}, refused")
     );
+    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_archive_error_in_the_first_bytes_stops_the_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("early", 1);
+    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::None, Some(&key()));
+    // The same signed path, but with an 8 MiB NAR whose magic is wrong.
+    let big = NarNode::dir([("blob", NarNode::file(vec![7u8; 8 << 20]))]).to_nar();
+    let mut bad = big.clone();
+    bad[8] = b'X';
+    edit_narinfo(&fake, CACHE1, &a, |i| {
+        i.nar_size = big.len() as u64;
+        i.nar_hash = NarHash::digest(&big);
+        i.file_size = None;
+        i.file_hash = None;
+        i.sigs.clear();
+        key().sign_narinfo(i);
+    });
+    fake.put(&nar_url, bad);
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let progress = Counting::default();
+    let e = sub
+        .materialise(std::slice::from_ref(&a), &progress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().starts_with(&format!("{a}: invalid NAR")),
+        "{e}"
+    );
+    // At most the channel's worth of chunks past the first one, not the signed 8 MiB.
+    let received = progress.bytes.load(Ordering::SeqCst);
+    assert!(received < 1 << 20, "{received} bytes read after the error");
     assert_eq!(store_entries(dir.path()), Vec::<String>::new());
 }
