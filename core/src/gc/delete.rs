@@ -23,8 +23,7 @@ use super::GcError;
 
 /// Prefix of retired paths awaiting removal, in `store/`.
 pub const TRASH_PREFIX: &str = ".trash-";
-/// Prefix of installs in progress (or crashed), in `store/` (the store's staging areas).
-pub const STAGING_PREFIX: &str = ".tmp-";
+pub use crate::store::STAGING_PREFIX;
 
 fn exists(p: &Path) -> Result<bool, GcError> {
     match std::fs::symlink_metadata(p) {
@@ -119,26 +118,9 @@ pub fn purge_trash(store: &Store) -> Result<u64, GcError> {
     Ok(freed)
 }
 
-/// The store path a `.tmp-<hash>` staging area belongs to cannot be named (the name is not
-/// recorded), so leftovers are removed by hash under the lock file of that hash.
+/// Removes a `.tmp-<hash>` staging area left by a crashed install, waiting for its lock.
 pub fn remove_stale_staging(store: &Store, staging: &Path) -> Result<bool, GcError> {
-    let Some(hash) = staging
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix(STAGING_PREFIX))
-    else {
-        return Ok(false);
-    };
-    // Any valid-looking store path with this hash locks the same file.
-    let Ok(probe) = StorePath::from_base_name(&format!("{hash}-x")) else {
-        return Ok(false);
-    };
-    let _lock = store.lock(&probe)?;
-    if !exists(staging)? {
-        return Ok(false);
-    }
-    remove_tree(staging)?;
-    Ok(true)
+    Ok(store.remove_staging(staging, true)?)
 }
 
 /// Records in `meta/` whose path is absent (left by a crash between a retire's rename and

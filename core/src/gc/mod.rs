@@ -51,7 +51,8 @@
 //! # Crash recovery
 //!
 //! A SIGKILL at any point leaves: `.tmp-<hash>` staging areas (removed by the next install of
-//! that path, or by gc when their lock is free), records without a path (not valid; replaced
+//! that path, by the next pull that downloads anything, or by gc, each only under their
+//! lock), records without a path (not valid; replaced
 //! by the next install, removed by gc), `.trash-*` (removed by the next gc), pins of containers
 //! that were never created (stale after the grace period). None of these is ever mistaken
 //! for a valid path.

@@ -31,7 +31,8 @@
 //! The rename is the commit point: a record is durable before the path it describes can
 //! appear, so every entry of `store/` has a record, and readers (spec rewrite, bind mounts)
 //! that only look at `store/<hash>-<name>` never see a partial tree. A crash before step 4
-//! leaves a `.tmp-<hash>` (removed by the next install of that path) and maybe a record
+//! leaves a `.tmp-<hash>` (removed by the next install of that path, and by the next pull
+//! that downloads anything: [`Store::remove_stale_staging`]) and maybe a record
 //! without a path (not valid; overwritten by the next install). If the kernel loses the
 //! directory entries of step 3 but keeps the rename of step 4, the path has no record and
 //! the next install removes and refetches it. Contents are durable before the rename because
@@ -64,6 +65,10 @@ use crate::nix::nar::NarLimits;
 use crate::nix::{NarHash, StorePath};
 use remove::{remove_tree, RemoveError};
 use unpack::{UnpackError, UnpackOptions, UnpackStats};
+
+/// Prefix of staging areas in `store/`: `.tmp-<hash>` is an install in progress, a path
+/// being deleted, or the leftover of either killed midway.
+pub const STAGING_PREFIX: &str = ".tmp-";
 
 /// What the store knows about a valid path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +257,8 @@ impl Store {
     }
 
     fn staging_path(&self, path: &StorePath) -> PathBuf {
-        self.store_dir.join(format!(".tmp-{}", path.hash_str()))
+        self.store_dir
+            .join(format!("{STAGING_PREFIX}{}", path.hash_str()))
     }
 
     fn read_record(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
@@ -377,6 +383,50 @@ impl Store {
             tmp,
             committed: false,
         })
+    }
+
+    /// Removes `staging` (a `store/.tmp-<hash>`) under the lock of its hash. With `wait`, waits
+    /// for that lock; without, a staging area whose lock is held (a live install or removal,
+    /// in this process or another) is left alone. Returns whether it was removed.
+    pub fn remove_staging(&self, staging: &Path, wait: bool) -> Result<bool, StoreError> {
+        // The path a staging area belongs to is not recorded, only its hash: any valid-looking
+        // store path with that hash locks the same file.
+        let Some(probe) = staging
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(STAGING_PREFIX))
+            .and_then(|hash| StorePath::from_base_name(&format!("{hash}-x")).ok())
+        else {
+            return Ok(false);
+        };
+        let lock = match wait {
+            true => Some(self.lock(&probe)?),
+            false => self.try_lock(&probe)?,
+        };
+        if lock.is_none() || !exists(staging)? {
+            return Ok(false);
+        }
+        remove_tree(staging)?;
+        Ok(true)
+    }
+
+    /// Removes every staging area that no live process holds: what installs killed midway
+    /// left behind. Returns how many were removed.
+    pub fn remove_stale_staging(&self) -> Result<usize, StoreError> {
+        let rd = std::fs::read_dir(&self.store_dir).map_err(io_err("list", &self.store_dir))?;
+        let mut removed = 0;
+        for e in rd {
+            let e = e.map_err(io_err("list", &self.store_dir))?;
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(STAGING_PREFIX))
+                && self.remove_staging(&e.path(), false)?
+            {
+                tracing::info!(path = %e.path().display(), "removed leftover of an interrupted install");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes a valid or half-present path (for gc), under its lock. See the module docs.

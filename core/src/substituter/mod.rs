@@ -21,6 +21,8 @@
 //! - Once every path of the closure is resolved, the reference graph is checked for a cycle
 //!   (self-references aside; Nix never makes one, a signer might): a cycle is refused, as
 //!   its paths would each wait for the others to be committed first ([`cycle`]).
+//! - Before it downloads anything, a run removes the staging areas (`.tmp-<hash>`) that no
+//!   live process holds: leftovers of pulls killed midway.
 //! - Paths are installed in parallel, not in reference order; the returned closure is
 //!   complete only when every install has succeeded. On the first failure the others are
 //!   cancelled and their staging areas removed before the error is returned.
@@ -205,6 +207,14 @@ impl<F: Fetch> Substituter<F> {
         progress: &P,
     ) -> Result<Closure, SubstituteError> {
         raise_fd_limit();
+        // Staging areas no live process holds are leftovers of killed pulls: clear them
+        // before adding new ones (best effort, a failure here does not stop the pull).
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.remove_stale_staging()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove stale staging areas"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove stale staging areas"),
+        }
         let state = RunState {
             requests: Semaphore::new(self.requests),
             downloads: Semaphore::new(self.downloads),

@@ -946,3 +946,41 @@ async fn an_archive_error_in_the_first_bytes_stops_the_download() {
     assert!(received < 1 << 20, "{received} bytes read after the error");
     assert_eq!(store_entries(dir.path()), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_pull_removes_staging_left_by_killed_pulls_but_not_live_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("fresh", 1);
+    publish(&fake, CACHE1, &a, &[], Compression::Zstd, Some(&key()));
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
+    let store = sub.store().clone();
+    // A killed pull's staging area (read-only inside, as unpacked) and a live one.
+    let (dead, live) = (sp("killed", 7), sp("busy", 8));
+    let staging = |p: &StorePath| store.store_dir().join(format!(".tmp-{}", p.hash_str()));
+    for p in [&dead, &live] {
+        let bin = staging(p).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("prog"), b"half").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let held = store.lock(&live).unwrap();
+    sub.materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap();
+    assert!(
+        !staging(&dead).exists(),
+        "the dead pull's staging is removed"
+    );
+    assert!(
+        staging(&live).exists(),
+        "a staging area whose lock is held stays"
+    );
+    drop(held);
+    std::fs::set_permissions(
+        staging(&live).join("bin"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+}
