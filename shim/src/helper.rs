@@ -352,16 +352,26 @@ fn read_reply(call: Call, out: &[u8], exit: &Exit) -> Result<Reply, HelperError>
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
     /// A helper script answering `body` (a shell snippet) and recording its arguments.
+    ///
+    /// The script is put in place by `install`, a process of its own: had this process held a
+    /// writable descriptor of it, a test thread forking at that moment would have inherited
+    /// it, and running the script would fail with ETXTBSY until that child execs.
     fn fake(dir: &Path, body: &str) -> Helper<Direct> {
         let path = dir.join(HELPER);
+        let source = dir.join("helper-source");
         let script = format!("#!/bin/sh\necho \"$@\" > {}/args\n{body}\n", dir.display());
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&source, script).unwrap();
+        let installed = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(installed.success(), "install {}", path.display());
         Helper::new(path, Direct)
     }
 
