@@ -22,6 +22,33 @@ pub enum CatalogOffline {
     Fail,
 }
 
+/// Hosts an HTTP redirect may lead to besides the requested URL's own origin
+/// (`allowed-redirect-hosts`): a list applies to every substituter and the catalog, a table
+/// maps a substituter's (or the catalog's) URL to the hosts allowed for requests to its origin.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllowedRedirectHosts {
+    /// Hosts allowed whatever was requested, normalised (`bucket.s3.example.com`, `[::1]`).
+    pub everywhere: Vec<String>,
+    /// Hosts allowed only for requests to that origin.
+    pub per_origin: Vec<(url::Origin, Vec<String>)>,
+}
+
+impl AllowedRedirectHosts {
+    /// The hosts a request for `url` may be redirected to (besides its own origin).
+    pub fn for_origin<'a>(&'a self, url: &Url) -> impl Iterator<Item = &'a str> + 'a {
+        let origin = url.origin();
+        self.everywhere
+            .iter()
+            .chain(
+                self.per_origin
+                    .iter()
+                    .filter(move |(o, _)| *o == origin)
+                    .flat_map(|(_, hosts)| hosts.iter()),
+            )
+            .map(String::as_str)
+    }
+}
+
 /// The node's configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -49,6 +76,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Timeout without progress on a request (a stalled server).
     pub stall_timeout: Duration,
+    /// Hosts HTTP redirects may lead to besides the requested origin.
+    pub allowed_redirect_hosts: AllowedRedirectHosts,
     /// Attempts per request for retryable failures (5xx, resets), including the first.
     pub download_attempts: u32,
     /// `nixenv gc`: keep paths used within this long.
@@ -110,6 +139,7 @@ struct RawConfig {
     connect_timeout: Option<String>,
     stall_timeout: Option<String>,
     download_attempts: Option<i64>,
+    allowed_redirect_hosts: Option<toml::Value>,
     gc_keep_since: Option<String>,
     gc_max_size: Option<String>,
 }
@@ -135,6 +165,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
             download_attempts: 5,
+            allowed_redirect_hosts: AllowedRedirectHosts::default(),
             gc_keep_since: None,
             gc_max_size: None,
         }
@@ -251,6 +282,10 @@ impl Config {
             }
             cfg.download_attempts = n as u32;
         }
+        if let Some(v) = raw.allowed_redirect_hosts {
+            cfg.allowed_redirect_hosts = parse_redirect_hosts(&v)
+                .map_err(|(value, r)| bad("allowed-redirect-hosts", &value, r))?;
+        }
         let duration = |key: &'static str, v: &str| {
             humantime::parse_duration(v).map_err(|e| bad(key, v, e.to_string()))
         };
@@ -290,6 +325,66 @@ fn parse_url(s: &str) -> Result<Url, String> {
             "unsupported scheme {other:?} (use https://, http:// or file://)"
         )),
     }
+}
+
+/// `allowed-redirect-hosts`: a list of hosts, or a table from cache URL to a list of hosts.
+/// On error, the offending value and why.
+fn parse_redirect_hosts(v: &toml::Value) -> Result<AllowedRedirectHosts, (String, String)> {
+    let hosts = |v: &toml::Value| -> Result<Vec<String>, (String, String)> {
+        let toml::Value::Array(items) = v else {
+            return Err((v.to_string(), "expected a list of host names".into()));
+        };
+        items
+            .iter()
+            .map(|item| {
+                let toml::Value::String(h) = item else {
+                    return Err((item.to_string(), "expected a host name".into()));
+                };
+                let bad = || {
+                    (
+                        h.clone(),
+                        "expected a host name or IP address, without scheme, port or path"
+                            .to_string(),
+                    )
+                };
+                if h.is_empty() || h.contains(['/', '@', '*']) || h.chars().any(char::is_whitespace)
+                {
+                    return Err(bad());
+                }
+                // A host with a port ("h:1") parses as an opaque host only in brackets-free
+                // form; refuse it explicitly.
+                if !h.starts_with('[') && h.contains(':') {
+                    return Err(bad());
+                }
+                url::Host::parse(h)
+                    .map(|h| h.to_string())
+                    .map_err(|_| bad())
+            })
+            .collect()
+    };
+    let mut out = AllowedRedirectHosts::default();
+    match v {
+        toml::Value::Array(_) => out.everywhere = hosts(v)?,
+        toml::Value::Table(t) => {
+            for (from, list) in t {
+                let url = Url::parse(from).map_err(|e| (from.clone(), e.to_string()))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err((
+                        from.clone(),
+                        "expected an http:// or https:// cache URL".into(),
+                    ));
+                }
+                out.per_origin.push((url.origin(), hosts(list)?));
+            }
+        }
+        other => {
+            return Err((
+                other.to_string(),
+                "expected a list of hosts or a table from cache URL to hosts".into(),
+            ))
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `10G`, `512M`, `2048`, `1.5T` (powers of 1024).
@@ -357,6 +452,7 @@ mod tests {
             stall-timeout = "1m"
             download-attempts = 2
             gc-max-size = "20G"
+            allowed-redirect-hosts = ["Bucket.S3.example.com", "[::1]"]
             "#
         ))
         .unwrap();
@@ -369,6 +465,28 @@ mod tests {
         assert_eq!(cfg.download_attempts, 2);
         assert_eq!(cfg.gc_max_size, Some(20 << 30));
         assert!(cfg.require_sigs);
+        assert_eq!(
+            cfg.allowed_redirect_hosts.everywhere,
+            ["bucket.s3.example.com", "[::1]"]
+        );
+        let cfg = parse(
+            r#"
+            [allowed-redirect-hosts]
+            "https://cache.example.com/nix" = ["bucket.s3.example.com"]
+            "#,
+        )
+        .unwrap();
+        let hosts = |u: &str| {
+            cfg.allowed_redirect_hosts
+                .for_origin(&Url::parse(u).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            hosts("https://cache.example.com/x.narinfo"),
+            ["bucket.s3.example.com"]
+        );
+        assert!(hosts("https://cache.example.com:8443/x").is_empty());
+        assert!(hosts("http://cache.example.com/x").is_empty());
     }
 
     #[test]
@@ -390,6 +508,27 @@ mod tests {
             ("download-attempts = 1000", "download-attempts"),
             ("connect-timeout = \"soon\"", "connect-timeout"),
             ("gc-max-size = \"12Q\"", "gc-max-size"),
+            (
+                "allowed-redirect-hosts = \"x.example.com\"",
+                "allowed-redirect-hosts",
+            ),
+            (
+                "allowed-redirect-hosts = [\"x.example.com:443\"]",
+                "allowed-redirect-hosts",
+            ),
+            (
+                "allowed-redirect-hosts = [\"https://x.example.com\"]",
+                "allowed-redirect-hosts",
+            ),
+            ("allowed-redirect-hosts = [1]", "allowed-redirect-hosts"),
+            (
+                "allowed-redirect-hosts = { \"ftp://c\" = [\"x\"] }",
+                "allowed-redirect-hosts",
+            ),
+            (
+                "allowed-redirect-hosts = { \"https://c\" = \"x\" }",
+                "allowed-redirect-hosts",
+            ),
             ("substituters = [\"http://x\"]", "trusted-public-keys"),
         ];
         for (text, key) in cases {

@@ -17,6 +17,9 @@
 //! let url = server.url(); // "http://127.0.0.1:PORT", no trailing slash
 //! // … run `nixenv pull` against `url` …
 //! assert_eq!(server.requests_matching("/nar/*"), 4 + 2);
+//! // send every narinfo request to another server
+//! let other = CacheServer::serve(fx.cache(Cache::Xz));
+//! server.inject("*.narinfo", Fault::Redirect { host: "127.0.0.1", port: other.addr().port(), prefix: "" });
 //! ```
 
 use std::collections::BTreeMap;
@@ -49,6 +52,14 @@ pub enum Fault {
     /// `n` bytes of the body (at most all but the last byte), then cut the connection
     /// (an HTTP/2 stream is reset instead).
     DropAfter(u64),
+    /// Answer `302 Found` with `Location: http://{host}:{port}{prefix}{path}`, where `path` is
+    /// the requested path: e.g. to another server, another host name for this one, or another
+    /// mount of this one (`prefix = "/mirror"`).
+    Redirect {
+        host: &'static str,
+        port: u16,
+        prefix: &'static str,
+    },
     /// Wait this long before answering. Delays add up and do not stop later rules: the request
     /// is then answered normally or by the next matching non-delay rule.
     Delay(Duration),
@@ -388,6 +399,15 @@ async fn respond(
     if let Some(Fault::Status(code)) = fault {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return text(status, &format!("injected {code}"));
+    }
+    if let Some(Fault::Redirect { host, port, prefix }) = fault {
+        let mut r = text(StatusCode::FOUND, "redirected");
+        let location = format!("http://{host}:{port}{prefix}{path}");
+        r.headers_mut().insert(
+            hyper::header::LOCATION,
+            HeaderValue::from_str(&location).expect("a valid Location"),
+        );
+        return r;
     }
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");

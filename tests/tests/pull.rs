@@ -459,3 +459,89 @@ fn a_pull_after_a_partial_one_fetches_only_what_is_missing() {
     expected.sort();
     assert_eq!(fetched, expected);
 }
+
+/// A cache on 127.0.0.1 whose NAR for glibc redirects to `host:port{prefix}`.
+fn redirecting_nar(
+    host: &'static str,
+    port: Option<u16>,
+    prefix: &'static str,
+) -> (CacheServer, String) {
+    let fx = Fixtures::get();
+    let server =
+        CacheServer::serve_mounts([("/", fx.cache(Cache::Xz)), ("/mirror", fx.cache(Cache::Xz))]);
+    let nar = format!("/{}", fx.narinfo(Cache::Xz, &fx.glibc).url);
+    let port = port.unwrap_or(server.addr().port());
+    server.inject(&nar, Fault::Redirect { host, port, prefix });
+    (server, nar)
+}
+
+#[test]
+fn refuses_a_nar_redirected_to_another_port() {
+    let fx = Fixtures::get();
+    let other = CacheServer::serve(fx.cache(Cache::Xz));
+    let (server, nar) = redirecting_nar("127.0.0.1", Some(other.addr().port()), "");
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_refused(&node, &out, &fx.glibc, &["redirect"]);
+    let err = stderr(&out);
+    let target = format!("{}{nar}", other.url());
+    assert!(
+        err.contains(&format!(
+            "redirect to {target} refused: not the origin {} and not in allowed-redirect-hosts",
+            server.url()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        server.requests(&nar),
+        1,
+        "a refused redirect is not retried"
+    );
+    assert_eq!(other.total_requests(), 0, "the other server was contacted");
+}
+
+#[test]
+fn refuses_a_narinfo_redirected_to_another_host_name() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let narinfo = format!("/{}.narinfo", store_path_hash(&fx.echoserver));
+    let port = server.addr().port();
+    server.inject(
+        &narinfo,
+        Fault::Redirect {
+            host: "localhost",
+            port,
+            prefix: "",
+        },
+    );
+    let node = node(&[&server.url()]);
+    let out = pull(&node, &[&fx.echoserver]);
+    assert_refused(&node, &out, &fx.echoserver, &["redirect"]);
+    assert!(
+        stderr(&out).contains(&format!(
+            "redirect to http://localhost:{port}{narinfo} refused"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(server.requests(&narinfo), 1, "localhost was not asked");
+}
+
+#[test]
+fn follows_a_same_origin_redirect_and_an_allowed_host() {
+    let fx = Fixtures::get();
+    let (server, _) = redirecting_nar("127.0.0.1", None, "/mirror");
+    let same = node(&[&server.url()]);
+    assert_pulled_echoserver(&pull(&same, &[&fx.echoserver]));
+    assert_eq!(server.requests_matching("/mirror/nar/*"), 1);
+
+    // Another port, allowed for this cache only.
+    let other = CacheServer::serve(fx.cache(Cache::Xz));
+    let (server, nar) = redirecting_nar("127.0.0.1", Some(other.addr().port()), "");
+    let allowed = node(&[&server.url()]).with_config_line(&format!(
+        "allowed-redirect-hosts = {{ \"{}\" = [\"127.0.0.1\"] }}",
+        server.url()
+    ));
+    assert_pulled_echoserver(&pull(&allowed, &[&fx.echoserver]));
+    assert_eq!(other.requests(&nar), 1);
+}

@@ -4,6 +4,9 @@
 //!   HTTP/2 where the server offers it through ALPN (adaptive flow-control window), a connect
 //!   timeout and a stall timeout (no bytes for `stall-timeout`) from the configuration, and
 //!   `User-Agent: nixenv/<version>`.
+//! - Redirects only as [`super::redirect`] allows (same origin, `allowed-redirect-hosts`, at
+//!   most [`super::redirect::MAX_REDIRECTS`]); a refused one is [`FetchError::Redirect`], and the
+//!   final URL of a followed one is logged (`final_url`).
 //! - 404 and 410 are [`FetchError::NotFound`], other non-2xx are [`FetchError::Status`].
 //! - Basic authentication per host from `netrc-file`.
 //! - No retries here: callers wrap whole operations in [`super::retry::RetryPolicy`], so a NAR
@@ -19,8 +22,9 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use url::Url;
 
 use super::netrc::{Netrc, NetrcError};
+use super::redirect::RedirectRefused;
 use super::{Body, Fetch, FetchError};
-use crate::config::Config;
+use crate::config::{AllowedRedirectHosts, Config};
 
 /// Read buffer for `file://` bodies.
 const FILE_CHUNK: usize = 256 * 1024;
@@ -32,6 +36,8 @@ pub struct HttpSettings {
     pub stall_timeout: Duration,
     /// Idle connections kept per host.
     pub max_idle_per_host: usize,
+    /// Hosts redirects may lead to besides the requested origin.
+    pub allowed_redirect_hosts: AllowedRedirectHosts,
 }
 
 impl HttpSettings {
@@ -41,6 +47,7 @@ impl HttpSettings {
             connect_timeout: cfg.connect_timeout,
             stall_timeout: cfg.stall_timeout,
             max_idle_per_host: cfg.http_connections,
+            allowed_redirect_hosts: cfg.allowed_redirect_hosts.clone(),
         }
     }
 }
@@ -78,6 +85,9 @@ impl HttpFetcher {
                     .pool_max_idle_per_host(self.settings.max_idle_per_host)
                     .http2_adaptive_window(true)
                     .tcp_nodelay(true)
+                    .redirect(super::redirect::policy(
+                        self.settings.allowed_redirect_hosts.clone(),
+                    ))
                     .build()
                     .map_err(|e| error_chain(&e))
             })
@@ -99,9 +109,22 @@ impl HttpFetcher {
                 }
             }
         }
-        let resp = req.send().await.map_err(|e| transport(url, &e))?;
+        let resp = req.send().await.map_err(|e| match redirect_refused(&e) {
+            Some(refused) => {
+                tracing::warn!(%url, %refused, "redirect refused");
+                FetchError::Redirect {
+                    url: url.clone(),
+                    refused: Box::new(refused),
+                }
+            }
+            None => transport(url, &e),
+        })?;
         let status = resp.status().as_u16();
-        tracing::debug!(%url, status, content_length = resp.content_length(), version = ?resp.version(), "GET");
+        let final_url = resp.url();
+        if final_url != url {
+            tracing::info!(%url, %final_url, "followed redirect");
+        }
+        tracing::debug!(%url, %final_url, status, content_length = resp.content_length(), version = ?resp.version(), "GET");
         match status {
             404 | 410 => return Err(FetchError::NotFound { url: url.clone() }),
             200..=299 => {}
@@ -172,6 +195,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s.replace('\n', " ")
+}
+
+/// The redirect refusal in an error's chain, if the request failed on one.
+fn redirect_refused(e: &reqwest::Error) -> Option<RedirectRefused> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<RedirectRefused>() {
+            return Some(r.clone());
+        }
+        cur = c.source();
+    }
+    None
 }
 
 fn transport(url: &Url, e: &reqwest::Error) -> FetchError {
@@ -349,6 +384,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(5),
                 stall_timeout: Duration::from_millis(300),
                 max_idle_per_host: 4,
+                allowed_redirect_hosts: AllowedRedirectHosts::default(),
             },
             Some(netrc),
         );
@@ -412,6 +448,93 @@ mod tests {
             "{}",
             heads[0]
         );
+    }
+
+    #[tokio::test]
+    async fn redirects_stay_on_the_origin() {
+        // Another server on 127.0.0.1 that must never be reached.
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = elsewhere.local_addr().unwrap().port();
+        let body = b"StorePath: x\n";
+        let z = Duration::ZERO;
+        let (port, server) = serve(vec![
+            // Same origin, another path: followed (two connections: Connection: close).
+            (
+                response(
+                    "302 Found",
+                    "Location: /mirror/a.narinfo\r\nContent-Length: 0\r\n",
+                    b"",
+                ),
+                z,
+            ),
+            (
+                response(
+                    "200 OK",
+                    &format!("Content-Length: {}\r\n", body.len()),
+                    body,
+                ),
+                z,
+            ),
+            // Another port on the same address.
+            (
+                response(
+                    "302 Found",
+                    &format!(
+                        "Location: http://127.0.0.1:{other}/b.narinfo\r\nContent-Length: 0\r\n"
+                    ),
+                    b"",
+                ),
+                z,
+            ),
+            // Cloud metadata.
+            (
+                response(
+                    "301 Moved Permanently",
+                    "Location: http://169.254.169.254/latest/meta-data/\r\nContent-Length: 0\r\n",
+                    b"",
+                ),
+                z,
+            ),
+        ]);
+        // Short timeouts: a policy that followed the redirects would fail fast, not hang.
+        let f = HttpFetcher::with_settings(
+            HttpSettings {
+                connect_timeout: Duration::from_secs(2),
+                stall_timeout: Duration::from_secs(2),
+                max_idle_per_host: 4,
+                allowed_redirect_hosts: AllowedRedirectHosts::default(),
+            },
+            None,
+        );
+        let url = |p: &str| Url::parse(&format!("http://127.0.0.1:{port}/{p}")).unwrap();
+        assert_eq!(f.get_bytes(&url("a.narinfo"), 1 << 20).await.unwrap(), body);
+        let e = f.get(&url("b.narinfo")).await.err().unwrap();
+        assert!(!e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: redirect to http://127.0.0.1:{other}/b.narinfo refused: not the origin http://127.0.0.1:{port} and not in allowed-redirect-hosts",
+                url("b.narinfo")
+            )
+        );
+        let e = f.get(&url("c.narinfo")).await.err().unwrap();
+        assert!(matches!(e, FetchError::Redirect { .. }), "{e}");
+        // From a cache on 127.0.0.1 the origin rule refuses it (from a remote cache, the
+        // link-local rule would: see `redirect::tests`).
+        assert!(
+            e.to_string().contains(
+                "redirect to http://169.254.169.254/latest/meta-data/ refused: not the origin"
+            ),
+            "{e}"
+        );
+        let heads = server.join().unwrap();
+        assert!(
+            heads[1].starts_with("GET /mirror/a.narinfo "),
+            "{}",
+            heads[1]
+        );
+        elsewhere.set_nonblocking(true).unwrap();
+        assert!(elsewhere.accept().is_err(), "the other port was contacted");
     }
 
     #[tokio::test]

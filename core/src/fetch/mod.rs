@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod netrc;
+pub mod redirect;
 pub mod retry;
 
 use std::future::Future;
@@ -36,6 +37,11 @@ pub enum FetchError {
         url: Url,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{url}: {refused}")]
+    Redirect {
+        url: Url,
+        refused: Box<redirect::RedirectRefused>,
     },
     #[error("{url}: response larger than {limit} bytes")]
     TooLarge { url: Url, limit: u64 },
