@@ -76,6 +76,14 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Timeout without progress on a request (a stalled server).
     pub stall_timeout: Duration,
+    /// Bytes per second a NAR download must average over each `transfer_rate_window`.
+    pub min_transfer_rate: u64,
+    /// The window over which `min_transfer_rate` is measured.
+    pub transfer_rate_window: Duration,
+    /// A NAR request must end within this plus NarSize / `min_transfer_rate`.
+    pub nar_timeout_base: Duration,
+    /// A narinfo request must end within this; then the next substituter is asked.
+    pub narinfo_timeout: Duration,
     /// Hosts HTTP redirects may lead to besides the requested origin.
     pub allowed_redirect_hosts: AllowedRedirectHosts,
     /// Attempts per request for retryable failures (5xx, resets), including the first.
@@ -140,6 +148,10 @@ struct RawConfig {
     stall_timeout: Option<String>,
     download_attempts: Option<i64>,
     allowed_redirect_hosts: Option<toml::Value>,
+    min_transfer_rate: Option<String>,
+    transfer_rate_window: Option<String>,
+    nar_timeout_base: Option<String>,
+    narinfo_timeout: Option<String>,
     gc_keep_since: Option<String>,
     gc_max_size: Option<String>,
 }
@@ -165,6 +177,10 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
             download_attempts: 5,
+            min_transfer_rate: 64 << 10,
+            transfer_rate_window: Duration::from_secs(30),
+            nar_timeout_base: Duration::from_secs(60),
+            narinfo_timeout: Duration::from_secs(30),
             allowed_redirect_hosts: AllowedRedirectHosts::default(),
             gc_keep_since: None,
             gc_max_size: None,
@@ -294,6 +310,25 @@ impl Config {
         }
         if let Some(v) = raw.stall_timeout {
             cfg.stall_timeout = duration("stall-timeout", &v)?;
+        }
+        let positive = |key: &'static str, v: &str| {
+            let d = duration(key, v)?;
+            if d.is_zero() {
+                return Err(bad(key, v, "must be more than zero".into()));
+            }
+            Ok(d)
+        };
+        if let Some(v) = raw.min_transfer_rate {
+            cfg.min_transfer_rate = parse_size(&v).map_err(|r| bad("min-transfer-rate", &v, r))?;
+        }
+        if let Some(v) = raw.transfer_rate_window {
+            cfg.transfer_rate_window = positive("transfer-rate-window", &v)?;
+        }
+        if let Some(v) = raw.nar_timeout_base {
+            cfg.nar_timeout_base = positive("nar-timeout-base", &v)?;
+        }
+        if let Some(v) = raw.narinfo_timeout {
+            cfg.narinfo_timeout = positive("narinfo-timeout", &v)?;
         }
         if let Some(v) = raw.gc_keep_since {
             cfg.gc_keep_since = Some(duration("gc-keep-since", &v)?);
@@ -453,6 +488,10 @@ mod tests {
             download-attempts = 2
             gc-max-size = "20G"
             allowed-redirect-hosts = ["Bucket.S3.example.com", "[::1]"]
+            min-transfer-rate = "1M"
+            transfer-rate-window = "10s"
+            nar-timeout-base = "2m"
+            narinfo-timeout = "5s"
             "#
         ))
         .unwrap();
@@ -465,6 +504,11 @@ mod tests {
         assert_eq!(cfg.download_attempts, 2);
         assert_eq!(cfg.gc_max_size, Some(20 << 30));
         assert!(cfg.require_sigs);
+        assert_eq!(cfg.min_transfer_rate, 1 << 20);
+        assert_eq!(cfg.transfer_rate_window, Duration::from_secs(10));
+        assert_eq!(cfg.nar_timeout_base, Duration::from_secs(120));
+        assert_eq!(cfg.narinfo_timeout, Duration::from_secs(5));
+        assert_eq!(Config::default().min_transfer_rate, 65536);
         assert_eq!(
             cfg.allowed_redirect_hosts.everywhere,
             ["bucket.s3.example.com", "[::1]"]
@@ -521,6 +565,10 @@ mod tests {
                 "allowed-redirect-hosts",
             ),
             ("allowed-redirect-hosts = [1]", "allowed-redirect-hosts"),
+            ("min-transfer-rate = \"fast\"", "min-transfer-rate"),
+            ("transfer-rate-window = \"0s\"", "transfer-rate-window"),
+            ("nar-timeout-base = \"later\"", "nar-timeout-base"),
+            ("narinfo-timeout = \"0s\"", "narinfo-timeout"),
             (
                 "allowed-redirect-hosts = { \"ftp://c\" = [\"x\"] }",
                 "allowed-redirect-hosts",

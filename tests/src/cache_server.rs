@@ -60,6 +60,9 @@ pub enum Fault {
         port: u16,
         prefix: &'static str,
     },
+    /// Send the headers (with the file's full `Content-Length`), then the body one byte at a
+    /// time with this pause before each byte after the first: a trickling server.
+    Trickle(Duration),
     /// Wait this long before answering. Delays add up and do not stop later rules: the request
     /// is then answered normally or by the next matching non-delay rule.
     Delay(Duration),
@@ -440,6 +443,10 @@ async fn respond(
             Some(Fault::DropAfter(n)) => Some(n.min(len.saturating_sub(1))),
             _ => None,
         };
+        let trickle = match fault {
+            Some(Fault::Trickle(pause)) => Some(pause),
+            _ => None,
+        };
         let stream =
             futures::stream::unfold((f, 0u64, false), move |(mut f, sent, done)| async move {
                 if done {
@@ -454,9 +461,15 @@ async fn respond(
                         return Some((Err(err), (f, sent, true)));
                     }
                 }
-                let want = match limit {
-                    Some(limit) => (limit - sent).min(64 * 1024) as usize,
-                    None => 64 * 1024,
+                let want = match (trickle, limit) {
+                    (Some(pause), _) => {
+                        if sent > 0 {
+                            tokio::time::sleep(pause).await;
+                        }
+                        1
+                    }
+                    (None, Some(limit)) => (limit - sent).min(64 * 1024) as usize,
+                    (None, None) => 64 * 1024,
                 };
                 let mut buf = vec![0u8; want];
                 match f.read(&mut buf).await {

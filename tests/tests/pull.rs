@@ -545,3 +545,79 @@ fn follows_a_same_origin_redirect_and_an_allowed_host() {
     assert_pulled_echoserver(&pull(&allowed, &[&fx.echoserver]));
     assert_eq!(other.requests(&nar), 1);
 }
+
+/// [`pull`], killed (and the test failed) if it runs longer than `limit` (counted from the
+/// start of the process, not from building the binary).
+fn pull_within(node: &TestNode, refs: &[&str], limit: Duration) -> Output {
+    let mut args = vec!["pull"];
+    args.extend_from_slice(refs);
+    let mut child = node
+        .nixenv(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nixenv pull");
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for nixenv pull") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!("nixenv pull did not finish within {limit:?}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+#[test]
+fn a_trickling_narinfo_fails_over_to_the_next_substituter() {
+    let fx = Fixtures::get();
+    let slow = CacheServer::serve(fx.cache(Cache::Xz));
+    // Five bytes a second: never a stall, but a narinfo takes minutes.
+    slow.inject("*.narinfo", Fault::Trickle(Duration::from_millis(200)));
+    let good = CacheServer::serve(fx.cache(Cache::Xz));
+    let node = node(&[&slow.url(), &good.url()]).with_config_line("narinfo-timeout = \"1s\"");
+    let out = pull_within(&node, &[&fx.echoserver], Duration::from_secs(15));
+    assert_pulled_echoserver(&out);
+    assert!(slow.requests_matching("*.narinfo") >= 1);
+    assert_eq!(slow.requests_matching("/nar/*"), 0);
+    assert!(good.requests_matching("/nar/*") >= 1);
+}
+
+#[test]
+fn refuses_a_trickling_nar_below_the_minimum_rate() {
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    let nar = format!("/{}", fx.narinfo(Cache::Xz, &fx.glibc).url);
+    // Fifty bytes a second: the stall timeout never trips.
+    server.inject(&nar, Fault::Trickle(Duration::from_millis(20)));
+    let node = node(&[&server.url()])
+        .with_config_line("min-transfer-rate = \"1K\"")
+        .with_config_line("transfer-rate-window = \"1s\"");
+    let out = pull_within(&node, &[&fx.echoserver], Duration::from_secs(15));
+    assert_refused(&node, &out, &fx.glibc, &["too slow"]);
+    assert!(
+        stderr(&out).contains("below the minimum of 1024 bytes/s"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(server.requests(&nar), 1, "a too slow NAR is not retried");
+}

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod netrc;
+pub mod pace;
 pub mod redirect;
 pub mod retry;
 
@@ -42,6 +43,11 @@ pub enum FetchError {
     Redirect {
         url: Url,
         refused: Box<redirect::RedirectRefused>,
+    },
+    #[error("{url}: too slow: {reason}")]
+    TooSlow {
+        url: Url,
+        reason: Box<pace::TooSlow>,
     },
     #[error("{url}: response larger than {limit} bytes")]
     TooLarge { url: Url, limit: u64 },

@@ -7,7 +7,8 @@
 //!   store's records, so a warm closure costs no network request (and [`materialise`] then
 //!   builds no HTTP client and no task).
 //! - Other paths are resolved with many `<hash>.narinfo` requests in flight (at most
-//!   `http-connections`), over the substituters in order (a 404 moves on to the next one);
+//!   `http-connections`), over the substituters in order (a 404, or no complete answer
+//!   within `narinfo-timeout`, moves on to the next one);
 //!   each cache's `nix-cache-info` is checked once (`StoreDir: /nix/store`); the narinfo must
 //!   describe the requested path and carry a signature by a trusted key (unless
 //!   `require-sigs = false`). Its NAR URL is not signed: it must stay inside the cache that
@@ -17,7 +18,9 @@
 //!   each path once), body chunks go through a bounded channel to a blocking thread that
 //!   decompresses, hashes, unpacks into a staging area and verifies NarHash/NarSize before
 //!   the commit rename. A failed attempt that may succeed again (5xx, reset, timeout, a
-//!   stream broken midway) restarts that NAR from scratch, with backoff.
+//!   stream broken midway) restarts that NAR from scratch, with backoff. A NAR below
+//!   `min-transfer-rate` over a `transfer-rate-window`, or not complete within
+//!   `nar-timeout-base` + NarSize / `min-transfer-rate`, fails at once ([`crate::fetch::pace`]).
 //! - Once every path of the closure is resolved, the reference graph is checked for a cycle
 //!   (self-references aside; Nix never makes one, a signer might): a cycle is refused, as
 //!   its paths would each wait for the others to be committed first ([`cycle`]).
@@ -46,6 +49,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use url::Url;
@@ -56,6 +60,7 @@ pub use resolve::Resolver;
 
 use crate::config::Config;
 use crate::fetch::http::HttpFetcher;
+use crate::fetch::pace::{Pace, Paced, TooSlow};
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 use crate::nix::nar::NarLimits;
@@ -431,12 +436,23 @@ impl<F: Fetch> Substituter<F> {
         progress: &P,
     ) -> Result<(Staging, PathInfo), (SubstituteError, u64)> {
         let path = info.store_path.clone();
-        let mut body = match self.fetch.get(&url).await {
-            Ok(b) => b,
-            Err(source) => {
+        let pace = self.resolver.pace;
+        let limit = pace.nar_deadline(info.nar_size);
+        let pace = Pace::new(Instant::now(), limit, pace.min_rate, pace.window);
+        let body = match tokio::time::timeout_at(pace.deadline(), self.fetch.get(&url)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(source)) => {
+                return Err((fetch_failure(&path, &url, source), 0));
+            }
+            Err(_) => {
+                let source = FetchError::TooSlow {
+                    url: url.clone(),
+                    reason: Box::new(TooSlow::Deadline { limit }),
+                };
                 return Err((fetch_failure(&path, &url, source), 0));
             }
         };
+        let mut body = Paced::new(body, url.clone(), pace);
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(stream::CHANNEL_CHUNKS);
         let store = self.store.clone();
         let limits = self.limits.clone();

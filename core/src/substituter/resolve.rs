@@ -1,4 +1,5 @@
-//! Finding and verifying narinfos: the substituters in order (a 404 moves on to the next),
+//! Finding and verifying narinfos: the substituters in order (a 404, or no answer within
+//! `narinfo-timeout`, moves on to the next),
 //! each cache's `nix-cache-info` checked once (`StoreDir: /nix/store`), the narinfo
 //! describing the requested path and signed by a trusted key (unless `require-sigs = false`).
 //! Used by [`Substituter`](super::Substituter) before each download, and by publishing, which
@@ -13,6 +14,7 @@ use url::Url;
 
 use super::error::SubstituteError;
 use crate::config::Config;
+use crate::fetch::pace::{PaceLimits, TooSlow};
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 use crate::nix::{NarInfo, StorePath, TrustedKeys, STORE_DIR};
@@ -34,6 +36,8 @@ pub struct Resolver {
     keys: TrustedKeys,
     require_sigs: bool,
     pub(crate) retry: RetryPolicy,
+    /// Deadlines and minimum rate of transfers.
+    pub(crate) pace: PaceLimits,
 }
 
 pub(crate) fn with_slash(mut u: Url) -> Url {
@@ -61,6 +65,7 @@ impl Resolver {
             keys,
             require_sigs: cfg.require_sigs,
             retry: RetryPolicy::with_attempts(cfg.download_attempts),
+            pace: PaceLimits::from_config(cfg),
         })
     }
 
@@ -109,7 +114,7 @@ impl Resolver {
                 let got = self
                     .retry
                     .run(
-                        |_| fetch.get_bytes(&url, MAX_NARINFO),
+                        |_| self.narinfo_bytes(fetch, &url),
                         FetchError::is_retryable,
                     )
                     .await;
@@ -143,6 +148,8 @@ impl Resolver {
             return Err(SubstituteError::NoSubstituters { path });
         }
         let name = format!("{}.narinfo", path.hash_str());
+        // A cache too slow to answer is skipped; if no other has the path, this is the error.
+        let mut slow: Option<FetchError> = None;
         for cache in &self.caches {
             self.check_cache(fetch, cache)
                 .await
@@ -163,7 +170,7 @@ impl Resolver {
                 let _permit = requests.acquire().await;
                 self.retry
                     .run(
-                        |_| fetch.get_bytes(&url, MAX_NARINFO),
+                        |_| self.narinfo_bytes(fetch, &url),
                         FetchError::is_retryable,
                     )
                     .instrument(tracing::debug_span!("narinfo", %url))
@@ -173,6 +180,11 @@ impl Resolver {
                 Ok(b) => b,
                 Err(FetchError::NotFound { .. }) => {
                     tracing::debug!(%path, %url, "not in this substituter");
+                    continue;
+                }
+                Err(e @ FetchError::TooSlow { .. }) => {
+                    tracing::warn!(%path, error = %e, "substituter too slow, trying the next");
+                    slow = Some(e);
                     continue;
                 }
                 Err(source) => {
@@ -206,9 +218,28 @@ impl Resolver {
             tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
             return Ok((info, cache.url.clone()));
         }
+        if let Some(source) = slow {
+            return Err(SubstituteError::Fetch {
+                path,
+                source: Box::new(source),
+            });
+        }
         Err(SubstituteError::NotFound {
             path,
             caches: self.caches.iter().map(|c| c.url.clone()).collect(),
         })
+    }
+
+    /// One narinfo (or `nix-cache-info`) request, headers and body within `narinfo-timeout`.
+    async fn narinfo_bytes<F: Fetch>(&self, fetch: &F, url: &Url) -> Result<Vec<u8>, FetchError> {
+        let limit = self.pace.narinfo;
+        tokio::time::timeout(limit, fetch.get_bytes(url, MAX_NARINFO))
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchError::TooSlow {
+                    url: url.clone(),
+                    reason: Box::new(TooSlow::Deadline { limit }),
+                })
+            })
     }
 }
