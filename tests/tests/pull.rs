@@ -621,3 +621,42 @@ fn refuses_a_trickling_nar_below_the_minimum_rate() {
     );
     assert_eq!(server.requests(&nar), 1, "a too slow NAR is not retried");
 }
+
+#[test]
+fn refuses_a_signed_nar_size_beyond_the_free_disk_space_before_downloading() {
+    use nixenv_core::nix::{NarInfo, SecretKey};
+    let fx = Fixtures::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fx.cache_copy(Cache::Xz, &tmp.path().join("cache"));
+    // glibc's narinfo claims 1 PiB, validly signed by the trusted key.
+    let file = dir.join(format!("{}.narinfo", store_path_hash(&fx.glibc)));
+    let mut info = NarInfo::parse(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    info.nar_size = 1 << 50;
+    info.sigs.clear();
+    let secret = std::fs::read_to_string(&fx.trusted_key.secret_file).unwrap();
+    SecretKey::parse(secret.trim())
+        .unwrap()
+        .sign_narinfo(&mut info);
+    std::fs::write(&file, info.render()).unwrap();
+    let server = CacheServer::serve(&dir);
+    let node = node(&[&server.url()]).with_config_line("gc-max-size = \"20G\"");
+    let out = pull_within(&node, &[&fx.echoserver], Duration::from_secs(15));
+    assert_refused(&node, &out, &fx.glibc, &["not enough disk space"]);
+    let err = stderr(&out);
+    // The paths still to download: glibc's 1 PiB and whatever else is in flight.
+    let needed: u64 = err
+        .split("not enough disk space: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(needed >= 1 << 50, "{err}");
+    assert!(
+        err.contains(" bytes (NarSize) still to download, ")
+            && err.contains(&format!(" bytes free in {}", node.store_dir().display()))
+            && err.contains("(store budget gc-max-size: 21474836480 bytes)"),
+        "{err}"
+    );
+    let nar = format!("/{}", info.url);
+    assert_eq!(server.requests(&nar), 0, "the NAR was requested");
+}

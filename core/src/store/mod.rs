@@ -49,6 +49,7 @@
 //! the path meanwhile), and only then download.
 
 pub mod remove;
+pub mod space;
 pub mod unpack;
 
 use std::collections::{BTreeMap, VecDeque};

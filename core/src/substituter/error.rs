@@ -24,11 +24,45 @@ fn chain(paths: &[StorePath]) -> String {
         .join(" -> ")
 }
 
+/// The numbers of a lack of disk space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    /// NarSize of the paths still to download, this one included.
+    pub needed: u64,
+    /// Bytes free in `dir`.
+    pub available: u64,
+    /// The store directory.
+    pub dir: std::path::PathBuf,
+    /// `gc-max-size`, if set.
+    pub budget: Option<u64>,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes (NarSize) still to download, {} bytes free in {}",
+            self.needed,
+            self.available,
+            self.dir.display()
+        )?;
+        if let Some(b) = self.budget {
+            write!(f, " (store budget gc-max-size: {b} bytes)")?;
+        }
+        Ok(())
+    }
+}
+
 /// A failure of the substituter.
 #[derive(Debug, thiserror::Error)]
 pub enum SubstituteError {
     #[error("{path}: not found in any substituter ({})", list(.caches))]
     NotFound { path: StorePath, caches: Vec<Url> },
+    #[error("{path}: not enough disk space: {shortfall}")]
+    NoSpace {
+        path: StorePath,
+        shortfall: Box<Shortfall>,
+    },
     #[error("{path}: no substituters configured")]
     NoSubstituters { path: StorePath },
     #[error("{path}: substituter {cache}: {message}")]
@@ -152,6 +186,7 @@ impl SubstituteError {
         use SubstituteError::*;
         match self {
             NotFound { path, .. }
+            | NoSpace { path, .. }
             | NoSubstituters { path }
             | BadCache { path, .. }
             | NarUrl { path, .. }

@@ -21,6 +21,9 @@
 //!   stream broken midway) restarts that NAR from scratch, with backoff. A NAR below
 //!   `min-transfer-rate` over a `transfer-rate-window`, or not complete within
 //!   `nar-timeout-base` + NarSize / `min-transfer-rate`, fails at once ([`crate::fetch::pace`]).
+//! - Before a NAR is downloaded, the store's filesystem must have room for the NarSize of
+//!   every path resolved and not yet installed by this run (`statvfs`, [`FreeSpace`]);
+//!   otherwise the pull fails at once naming both numbers (and `gc-max-size`, if set).
 //! - Once every path of the closure is resolved, the reference graph is checked for a cycle
 //!   (self-references aside; Nix never makes one, a signer might): a cycle is refused, as
 //!   its paths would each wait for the others to be committed first ([`cycle`]).
@@ -65,6 +68,7 @@ use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 use crate::nix::nar::NarLimits;
 use crate::nix::{NarInfo, StorePath};
+use crate::store::space::{FreeSpace, Statvfs};
 use crate::store::{Closure, PathInfo, PathLock, Staging, Store};
 
 /// How often to retry a store lock another process holds.
@@ -127,6 +131,9 @@ pub struct Substituter<F: Fetch> {
     requests: usize,
     downloads: usize,
     limits: NarLimits,
+    free_space: Arc<dyn FreeSpace>,
+    /// `gc-max-size`, named in a lack-of-space error.
+    budget: Option<u64>,
 }
 
 /// What the tasks of one materialisation share.
@@ -175,7 +182,8 @@ impl RunState {
 /// One finished unit of work of the walk.
 enum Event {
     Resolved(StorePath, Result<Box<(NarInfo, Url)>, SubstituteError>),
-    Installed(Result<(), SubstituteError>),
+    /// The NarSize the install had reserved, and its outcome.
+    Installed(u64, Result<(), SubstituteError>),
 }
 
 impl<F: Fetch> Substituter<F> {
@@ -191,7 +199,38 @@ impl<F: Fetch> Substituter<F> {
             // network busy without holding many decoder windows in memory.
             downloads: cfg.http_connections.clamp(1, (cpus * 4).max(4)),
             limits: NarLimits::default(),
+            free_space: Arc::new(Statvfs),
+            budget: cfg.gc_max_size,
         })
+    }
+
+    /// Replaces the free-space probe (tests fake a full disk).
+    pub fn with_free_space(mut self, free_space: Arc<dyn FreeSpace>) -> Self {
+        self.free_space = free_space;
+        self
+    }
+
+    /// Whether the store's filesystem has room for `needed` bytes: the NarSize of every path
+    /// resolved but not yet installed by this run, `path`'s included. A probe that fails is
+    /// logged and does not stop the pull.
+    fn check_space(&self, path: &StorePath, needed: u64) -> Result<(), SubstituteError> {
+        let dir = self.store.store_dir();
+        match self.free_space.available(dir) {
+            Ok(available) if needed > available => Err(SubstituteError::NoSpace {
+                path: path.clone(),
+                shortfall: Box::new(error::Shortfall {
+                    needed,
+                    available,
+                    dir: dir.to_owned(),
+                    budget: self.budget,
+                }),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read free disk space");
+                Ok(())
+            }
+        }
     }
 
     /// Replaces the retry policy (tests use short delays).
@@ -236,6 +275,8 @@ impl<F: Fetch> Substituter<F> {
         // Narinfo lookups in flight; once none is left the whole graph is known.
         let mut resolving = 0usize;
         let mut cycles_checked = false;
+        // NarSize of the paths resolved and not yet installed: what the disk must still hold.
+        let mut outstanding = 0u64;
 
         loop {
             while first_err.is_none() {
@@ -309,12 +350,20 @@ impl<F: Fetch> Substituter<F> {
                         r.dedup();
                         queue.extend(r.iter().filter(|r| !seen.contains(*r)).cloned());
                         refs.insert(p.clone(), r);
-                        let fut = self.install(info, cache, &state, progress);
-                        pending.push(async move { Event::Installed(fut.await) }.boxed());
+                        let size = info.nar_size;
+                        let needed = outstanding.saturating_add(size);
+                        if let Err(e) = self.check_space(&p, needed) {
+                            first_err = Some(e);
+                            cancel.cancel();
+                        } else {
+                            outstanding = needed;
+                            let fut = self.install(info, cache, &state, progress);
+                            pending.push(async move { Event::Installed(size, fut.await) }.boxed());
+                        }
                     }
                 }
-                Event::Installed(Ok(())) => {}
-                Event::Resolved(_, Err(e)) | Event::Installed(Err(e)) => {
+                Event::Installed(size, Ok(())) => outstanding = outstanding.saturating_sub(size),
+                Event::Resolved(_, Err(e)) | Event::Installed(_, Err(e)) => {
                     if first_err.is_none() && !matches!(e, SubstituteError::Cancelled { .. }) {
                         tracing::debug!(error = %e, "cancelling the other downloads");
                         first_err = Some(e);

@@ -984,3 +984,75 @@ async fn a_pull_removes_staging_left_by_killed_pulls_but_not_live_ones() {
     )
     .unwrap();
 }
+
+/// A disk with a fixed number of free bytes.
+struct FixedSpace(u64);
+
+impl crate::store::space::FreeSpace for FixedSpace {
+    fn available(&self, _dir: &Path) -> io::Result<u64> {
+        Ok(self.0)
+    }
+}
+
+#[tokio::test]
+async fn a_nar_size_beyond_the_free_space_fails_before_any_download() {
+    const FREE: u64 = 10 << 30;
+    for (budget, note) in [
+        (None, String::new()),
+        (
+            Some(20u64 << 30),
+            " (store budget gc-max-size: 21474836480 bytes)".to_string(),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let (dep, top) = (sp("dep", 1), sp("huge", 2));
+        publish(&fake, CACHE1, &dep, &[], Compression::None, Some(&key()));
+        publish(
+            &fake,
+            CACHE1,
+            &top,
+            std::slice::from_ref(&dep),
+            Compression::None,
+            Some(&key()),
+        );
+        // Validly signed, and far larger than the disk.
+        edit_narinfo(&fake, CACHE1, &top, |i| {
+            i.nar_size = 1 << 40;
+            i.sigs.clear();
+            key().sign_narinfo(i);
+        });
+        let mut cfg = config(dir.path(), &[CACHE1]);
+        cfg.gc_max_size = budget;
+        let sub = substituter(&cfg, fake).with_free_space(Arc::new(FixedSpace(FREE)));
+        let e = sub
+            .materialise(std::slice::from_ref(&top), &NoProgress)
+            .await
+            .unwrap_err();
+        let store = dir.path().join("store");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{top}: not enough disk space: 1099511627776 bytes (NarSize) still to download, \
+                 10737418240 bytes free in {}{note}",
+                store.display()
+            )
+        );
+        // The huge NAR was never requested.
+        assert_eq!(sub.fetch.requests(".nar"), 0);
+        assert!(!store
+            .join(top.to_string().trim_start_matches("/nix/store/"))
+            .exists());
+    }
+
+    // A closure that fits is installed.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let a = sp("fits", 3);
+    publish(&fake, CACHE1, &a, &[], Compression::None, Some(&key()));
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake)
+        .with_free_space(Arc::new(FixedSpace(FREE)));
+    sub.materialise(std::slice::from_ref(&a), &NoProgress)
+        .await
+        .unwrap();
+}
