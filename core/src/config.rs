@@ -11,6 +11,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixenv/config.toml";
 /// Default `state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixenv";
 
+/// Default `max-lock-size`: 16 MiB, about 250,000 store paths.
+pub const DEFAULT_MAX_LOCK_SIZE: u64 = 16 << 20;
+
 /// What to do when the catalog cannot be reached while resolving `org/app` (current generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -88,6 +91,8 @@ pub struct Config {
     pub allowed_redirect_hosts: AllowedRedirectHosts,
     /// Attempts per request for retryable failures (5xx, resets), including the first.
     pub download_attempts: u32,
+    /// Largest lock read from the catalog, in bytes; reading stops there.
+    pub max_lock_size: u64,
     /// `nixenv gc`: keep paths used within this long.
     pub gc_keep_since: Option<Duration>,
     /// `nixenv gc`: shrink the store below this many bytes.
@@ -152,6 +157,7 @@ struct RawConfig {
     transfer_rate_window: Option<String>,
     nar_timeout_base: Option<String>,
     narinfo_timeout: Option<String>,
+    max_lock_size: Option<String>,
     gc_keep_since: Option<String>,
     gc_max_size: Option<String>,
 }
@@ -182,6 +188,7 @@ impl Default for Config {
             nar_timeout_base: Duration::from_secs(60),
             narinfo_timeout: Duration::from_secs(30),
             allowed_redirect_hosts: AllowedRedirectHosts::default(),
+            max_lock_size: DEFAULT_MAX_LOCK_SIZE,
             gc_keep_since: None,
             gc_max_size: None,
         }
@@ -329,6 +336,13 @@ impl Config {
         }
         if let Some(v) = raw.narinfo_timeout {
             cfg.narinfo_timeout = positive("narinfo-timeout", &v)?;
+        }
+        if let Some(v) = raw.max_lock_size {
+            cfg.max_lock_size = match parse_size(&v) {
+                Ok(0) => return Err(bad("max-lock-size", &v, "must be more than zero".into())),
+                Ok(n) => n,
+                Err(r) => return Err(bad("max-lock-size", &v, r)),
+            };
         }
         if let Some(v) = raw.gc_keep_since {
             cfg.gc_keep_since = Some(duration("gc-keep-since", &v)?);
@@ -492,6 +506,7 @@ mod tests {
             transfer-rate-window = "10s"
             nar-timeout-base = "2m"
             narinfo-timeout = "5s"
+            max-lock-size = "2M"
             "#
         ))
         .unwrap();
@@ -509,6 +524,8 @@ mod tests {
         assert_eq!(cfg.nar_timeout_base, Duration::from_secs(120));
         assert_eq!(cfg.narinfo_timeout, Duration::from_secs(5));
         assert_eq!(Config::default().min_transfer_rate, 65536);
+        assert_eq!(cfg.max_lock_size, 2 << 20);
+        assert_eq!(Config::default().max_lock_size, 16 << 20);
         assert_eq!(
             cfg.allowed_redirect_hosts.everywhere,
             ["bucket.s3.example.com", "[::1]"]
@@ -569,6 +586,8 @@ mod tests {
             ("transfer-rate-window = \"0s\"", "transfer-rate-window"),
             ("nar-timeout-base = \"later\"", "nar-timeout-base"),
             ("narinfo-timeout = \"0s\"", "narinfo-timeout"),
+            ("max-lock-size = \"0\"", "max-lock-size"),
+            ("max-lock-size = \"big\"", "max-lock-size"),
             (
                 "allowed-redirect-hosts = { \"ftp://c\" = [\"x\"] }",
                 "allowed-redirect-hosts",

@@ -8,8 +8,8 @@ use super::reference::EnvName;
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 
-/// Largest lock accepted.
-pub const MAX_LOCK_BYTES: u64 = 16 << 20;
+/// Largest lock accepted unless the configuration says otherwise (`max-lock-size`).
+pub const MAX_LOCK_BYTES: u64 = crate::config::DEFAULT_MAX_LOCK_SIZE;
 
 /// Why a lock could not be read from the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,12 @@ pub enum CatalogError {
         found_generation: u64,
         expected: String,
     },
+    #[error("{url}: lock refused: larger than max-lock-size ({limit} bytes), reading stopped at {read} bytes")]
+    TooLarge {
+        url: Box<Url>,
+        limit: u64,
+        read: u64,
+    },
     #[error("catalog URL {url} cannot hold environments (it cannot be a base)")]
     BadUrl { url: Box<Url> },
 }
@@ -57,6 +63,7 @@ pub struct Catalog<'a, F> {
     base: Url,
     fetch: &'a F,
     retry: RetryPolicy,
+    max_lock_size: u64,
 }
 
 /// `url` with a trailing slash, so relative joins land below it.
@@ -107,7 +114,14 @@ impl<'a, F: Fetch> Catalog<'a, F> {
             base,
             fetch,
             retry: RetryPolicy::with_attempts(1),
+            max_lock_size: MAX_LOCK_BYTES,
         }
+    }
+
+    /// Refuses locks larger than `bytes` (default [`MAX_LOCK_BYTES`]): reading stops there.
+    pub fn with_max_lock_size(mut self, bytes: u64) -> Self {
+        self.max_lock_size = bytes;
+        self
     }
 
     /// Retries failures worth retrying (5xx, resets) under `retry` (default: one attempt).
@@ -149,7 +163,7 @@ impl<'a, F: Fetch> Catalog<'a, F> {
         let fetched = self
             .retry
             .run(
-                |_| self.fetch.get_bytes(url, MAX_LOCK_BYTES),
+                |_| self.fetch.get_bytes(url, self.max_lock_size),
                 FetchError::is_retryable,
             )
             .await;
@@ -166,6 +180,13 @@ impl<'a, F: Fetch> Catalog<'a, F> {
                         generation,
                         catalog: Box::new(self.base.clone()),
                     },
+                })
+            }
+            Err(FetchError::TooLarge { limit, read, .. }) => {
+                return Err(CatalogError::TooLarge {
+                    url: Box::new(url.clone()),
+                    limit,
+                    read,
                 })
             }
             Err(source) => {
@@ -358,6 +379,55 @@ pub(crate) mod tests {
         assert_eq!(
             c.generation(&name, 4).await.unwrap_err().to_string(),
             format!("{g4}: the lock is acme/app generation 3, expected acme/app generation 4")
+        );
+    }
+
+    /// A catalog whose every answer is an endless body of 64 KiB chunks, counting those taken.
+    #[derive(Clone, Default)]
+    struct Endless {
+        chunks: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Fetch for Endless {
+        async fn get(&self, _url: &Url) -> Result<Body, FetchError> {
+            let chunks = self.chunks.clone();
+            Ok(Box::pin(futures::stream::repeat_with(move || {
+                chunks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(bytes::Bytes::from(vec![b' '; 64 << 10]))
+            })))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lock_over_the_cap_is_refused_once_the_cap_is_read() {
+        let f = Endless::default();
+        let name: EnvName = "acme/app".parse().unwrap();
+        let c = Catalog::new(Url::parse(BASE).unwrap(), &f).with_max_lock_size(1 << 20);
+        let e = c.current(&name).await.unwrap_err();
+        assert!(!e.is_unreachable());
+        let cur = format!("{BASE}/acme/app/current.json");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{cur}: lock refused: larger than max-lock-size (1048576 bytes), \
+                 reading stopped at 1114112 bytes"
+            )
+        );
+        // 16 chunks make the cap, the 17th crosses it; nothing after it is asked for.
+        assert_eq!(f.chunks.load(std::sync::atomic::Ordering::SeqCst), 17);
+        // The default cap applies when none is set.
+        let f = Endless::default();
+        let e = Catalog::new(Url::parse(BASE).unwrap(), &f)
+            .current(&name)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("({MAX_LOCK_BYTES} bytes)")),
+            "{e}"
+        );
+        assert_eq!(
+            f.chunks.load(std::sync::atomic::Ordering::SeqCst),
+            MAX_LOCK_BYTES / (64 << 10) + 1
         );
     }
 

@@ -243,14 +243,37 @@ impl Lock {
     /// Parses and validates lock JSON.
     pub fn parse(bytes: &[u8]) -> Result<Lock, LockError> {
         // The schema first, so a newer lock says so instead of failing on its new layout.
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| LockError::Json {
-                message: one_line(&e),
-            })?;
-        let object = value.as_object().ok_or_else(|| LockError::Invalid {
-            message: "expected a JSON object".into(),
-        })?;
-        match object.get("schema") {
+        // Only `schema` is kept: a tree of the whole document (every path a `Value`) would
+        // cost several times the lock's size. A document this cannot read is parsed again as
+        // a tree, for the precise error.
+        #[derive(serde::Deserialize)]
+        struct Schema {
+            // `Some(Null)` for `"schema": null`, `None` only when absent.
+            #[serde(default, deserialize_with = "present")]
+            schema: Option<serde_json::Value>,
+        }
+        fn present<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<serde_json::Value>, D::Error> {
+            serde_json::Value::deserialize(d).map(Some)
+        }
+        // serde reads a struct from an array too: only an object takes the short way.
+        let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let peeked = object.then(|| serde_json::from_slice::<Schema>(bytes));
+        let schema = match peeked {
+            Some(Ok(peek)) => peek.schema,
+            _ => {
+                let value: serde_json::Value =
+                    serde_json::from_slice(bytes).map_err(|e| LockError::Json {
+                        message: one_line(&e),
+                    })?;
+                let object = value.as_object().ok_or_else(|| LockError::Invalid {
+                    message: "expected a JSON object".into(),
+                })?;
+                object.get("schema").cloned()
+            }
+        };
+        match schema.as_ref() {
             None => return Err(LockError::MissingSchema),
             Some(v) => match v.as_u64() {
                 Some(n) if n > LOCK_SCHEMA => {
@@ -371,7 +394,7 @@ mod tests {
             Lock::parse(br#"{"name": "a/b"}"#).unwrap_err(),
             LockError::MissingSchema
         );
-        for bad in [r#""1""#, "0", "-1", "1.5"] {
+        for bad in [r#""1""#, "0", "-1", "1.5", "null"] {
             let j = lock_json("").replace("\"schema\": 1", &format!("\"schema\": {bad}"));
             let e = Lock::parse(j.as_bytes()).unwrap_err().to_string();
             assert!(e.contains("\"schema\" must be 1"), "{bad}: {e}");

@@ -165,9 +165,11 @@ pub async fn resolve<F: Fetch>(
     };
     let base = cfg.catalog.as_ref().ok_or(ResolveError::NoCatalog)?;
     // A few quick retries: an outage falls back to the cached current lock soon after.
-    let catalog = Catalog::new(base.clone(), fetch).with_retry(RetryPolicy::with_attempts(
-        cfg.download_attempts.min(CATALOG_ATTEMPTS),
-    ));
+    let catalog = Catalog::new(base.clone(), fetch)
+        .with_retry(RetryPolicy::with_attempts(
+            cfg.download_attempts.min(CATALOG_ATTEMPTS),
+        ))
+        .with_max_lock_size(cfg.max_lock_size);
     let state = &cfg.state_dir;
     let (lock, source) = match generation {
         Some(g) => {

@@ -50,7 +50,12 @@ pub enum FetchError {
         reason: Box<pace::TooSlow>,
     },
     #[error("{url}: response larger than {limit} bytes")]
-    TooLarge { url: Url, limit: u64 },
+    TooLarge {
+        url: Url,
+        limit: u64,
+        /// Bytes received when reading stopped (just over `limit`).
+        read: u64,
+    },
 }
 
 impl FetchError {
@@ -69,7 +74,8 @@ pub trait Fetch: Send + Sync + 'static {
     /// Starts a GET; the body streams. `Err(FetchError::NotFound)` on HTTP 404/410 or a missing file.
     fn get(&self, url: &Url) -> impl Future<Output = Result<Body, FetchError>> + Send;
 
-    /// GET the whole body, refusing more than `limit` bytes.
+    /// GET the whole body, refusing more than `limit` bytes: reading stops at the chunk that
+    /// crosses the limit, the rest of the body is never asked for.
     fn get_bytes(
         &self,
         url: &Url,
@@ -81,10 +87,12 @@ pub trait Fetch: Send + Sync + 'static {
             let mut out = Vec::new();
             while let Some(chunk) = body.next().await {
                 let chunk = chunk?;
-                if out.len() as u64 + chunk.len() as u64 > limit {
+                let read = out.len() as u64 + chunk.len() as u64;
+                if read > limit {
                     return Err(FetchError::TooLarge {
                         url: url.clone(),
                         limit,
+                        read,
                     });
                 }
                 out.extend_from_slice(&chunk);
