@@ -92,7 +92,10 @@ impl StorePath {
         if base.len() < HASH_PART_LEN + 2 {
             return Err(invalid(input, "too short"));
         }
-        let (hash_s, rest) = base.split_at(HASH_PART_LEN);
+        // Not `split_at`: it panics when byte 32 falls inside a multi-byte character.
+        let (hash_s, rest) = base
+            .split_at_checked(HASH_PART_LEN)
+            .ok_or_else(|| invalid(input, "hash part is not nixbase32"))?;
         let name = rest
             .strip_prefix('-')
             .ok_or_else(|| invalid(input, "no '-' after the 32-character hash"))?;
@@ -229,6 +232,17 @@ mod tests {
         );
         assert!(StorePath::from_base_name(&format!("{h}-a+b-c._?=Z9")).is_ok());
         assert!(StorePath::from_base_name(&format!("/nix/store/{h}-hello")).is_err());
+        // Byte 32 inside a multi-byte character (a narinfo's References, found by fuzzing):
+        // an error, not a panic.
+        for s in [
+            format!("{}\u{a1}-hello", &h[..31]),
+            "!A0\u{e01}AAa\u{1c3b}0\u{fffc}0\u{1e950}\u{1d546}\u{ae}\u{10ba9}\u{a1}\u{ae}"
+                .to_owned(),
+        ] {
+            let e = StorePath::from_base_name(&s).unwrap_err().to_string();
+            assert!(e.contains("nixbase32"), "{s}: {e}");
+            assert!(StorePath::from_absolute_path(&format!("/nix/store/{s}")).is_err());
+        }
     }
 
     #[test]
