@@ -25,6 +25,16 @@ pub enum CatalogOffline {
     Fail,
 }
 
+/// How the store makes an unpacked path durable before it appears (`store-durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreDurability {
+    /// One `syncfs(2)` of the store's file system per path.
+    #[default]
+    Syncfs,
+    /// One fsync per file and directory (slow for many small files; flushes nothing else).
+    Fsync,
+}
+
 /// Hosts an HTTP redirect may lead to besides the requested URL's own origin
 /// (`allowed-redirect-hosts`): a list applies to every substituter and the catalog, a table
 /// maps a substituter's (or the catalog's) URL to the hosts allowed for requests to its origin.
@@ -93,6 +103,8 @@ pub struct Config {
     pub download_attempts: u32,
     /// Largest lock read from the catalog, in bytes; reading stops there.
     pub max_lock_size: u64,
+    /// How an install is made durable before its commit rename.
+    pub store_durability: StoreDurability,
     /// `nixenv gc`: keep paths used within this long.
     pub gc_keep_since: Option<Duration>,
     /// `nixenv gc`: shrink the store below this many bytes.
@@ -158,6 +170,7 @@ struct RawConfig {
     nar_timeout_base: Option<String>,
     narinfo_timeout: Option<String>,
     max_lock_size: Option<String>,
+    store_durability: Option<String>,
     gc_keep_since: Option<String>,
     gc_max_size: Option<String>,
 }
@@ -189,6 +202,7 @@ impl Default for Config {
             narinfo_timeout: Duration::from_secs(30),
             allowed_redirect_hosts: AllowedRedirectHosts::default(),
             max_lock_size: DEFAULT_MAX_LOCK_SIZE,
+            store_durability: StoreDurability::Syncfs,
             gc_keep_since: None,
             gc_max_size: None,
         }
@@ -342,6 +356,19 @@ impl Config {
                 Ok(0) => return Err(bad("max-lock-size", &v, "must be more than zero".into())),
                 Ok(n) => n,
                 Err(r) => return Err(bad("max-lock-size", &v, r)),
+            };
+        }
+        if let Some(v) = raw.store_durability {
+            cfg.store_durability = match v.as_str() {
+                "syncfs" => StoreDurability::Syncfs,
+                "fsync" => StoreDurability::Fsync,
+                _ => {
+                    return Err(bad(
+                        "store-durability",
+                        &v,
+                        "expected \"syncfs\" or \"fsync\"".into(),
+                    ))
+                }
             };
         }
         if let Some(v) = raw.gc_keep_since {
@@ -507,6 +534,7 @@ mod tests {
             nar-timeout-base = "2m"
             narinfo-timeout = "5s"
             max-lock-size = "2M"
+            store-durability = "fsync"
             "#
         ))
         .unwrap();
@@ -526,6 +554,8 @@ mod tests {
         assert_eq!(Config::default().min_transfer_rate, 65536);
         assert_eq!(cfg.max_lock_size, 2 << 20);
         assert_eq!(Config::default().max_lock_size, 16 << 20);
+        assert_eq!(cfg.store_durability, StoreDurability::Fsync);
+        assert_eq!(Config::default().store_durability, StoreDurability::Syncfs);
         assert_eq!(
             cfg.allowed_redirect_hosts.everywhere,
             ["bucket.s3.example.com", "[::1]"]
@@ -588,6 +618,8 @@ mod tests {
             ("narinfo-timeout = \"0s\"", "narinfo-timeout"),
             ("max-lock-size = \"0\"", "max-lock-size"),
             ("max-lock-size = \"big\"", "max-lock-size"),
+            // No "none": it is not crash safe.
+            ("store-durability = \"none\"", "store-durability"),
             (
                 "allowed-redirect-hosts = { \"ftp://c\" = [\"x\"] }",
                 "allowed-redirect-hosts",

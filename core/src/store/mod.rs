@@ -23,7 +23,10 @@
 //! 1. remove leftovers: `store/.tmp-<hash>`, and a `store/<hash>-<name>` whose record is
 //!    missing or unreadable;
 //! 2. unpack (and verify, by the caller) into `store/.tmp-<hash>` — same directory, so same
-//!    file system; every file and directory is fsynced as it is closed;
+//!    file system — then make the tree durable: by default ([`Durability::Syncfs`]) one
+//!    `syncfs(2)` of the store's file system, which writes back every file, directory and
+//!    inode of the tree at once (a NAR of a million entries costs one flush, not a million);
+//!    with [`Durability::Fsync`], every file and directory is fsynced as it is closed;
 //! 3. write the record: `meta/<hash>.json.tmp`, fsync, rename to `meta/<hash>.json`;
 //! 4. **commit**: `renameat2(RENAME_NOREPLACE)` of `.tmp-<hash>` to `<hash>-<name>`;
 //! 5. fsync `store/` and `meta/`.
@@ -36,7 +39,9 @@
 //! without a path (not valid; overwritten by the next install). If the kernel loses the
 //! directory entries of step 3 but keeps the rename of step 4, the path has no record and
 //! the next install removes and refetches it. Contents are durable before the rename because
-//! of step 2, so a valid path is never a tree of empty files after a power loss.
+//! of step 2, so a valid path is never a tree of empty files after a power loss. (`syncfs`
+//! reports write-back errors only since Linux 5.8; on older kernels a failing disk can go
+//! unnoticed by `syncfs` as it does by other writers of that file system.)
 //!
 //! Removal ([`Store::delete`], for gc) runs in the opposite order: rename the path to
 //! `.tmp-<hash>` (it disappears atomically), remove the record, then remove the tree.
@@ -110,10 +115,13 @@ impl Closure {
 /// How an install is made durable before its commit rename.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// fsync every file and directory as the unpacker closes it (the default).
-    #[default]
+    /// fsync every file and directory as the unpacker closes it: one flush per entry, minutes
+    /// for a NAR of a million small files.
     Fsync,
-    /// One `syncfs(2)` of the store's file system before the commit rename.
+    /// One `syncfs(2)` of the store's file system before the commit rename (the default): the
+    /// whole tree in one flush, bounded by the disk's throughput. It also writes back other
+    /// dirty data of that file system.
+    #[default]
     Syncfs,
     /// No fsync (tests, benchmarks of the rest; not crash safe).
     None,

@@ -229,3 +229,121 @@ fn single_file_and_symlink_paths() {
         assert!(store.is_valid(&l).unwrap());
     }
 }
+
+/// A directory of `dirs` directories of `files` files each (plus one symlink per directory).
+fn many_entries(dirs: usize, files: usize) -> NarNode {
+    NarNode::dir((0..dirs).map(|d| {
+        let mut entries: Vec<(String, NarNode)> = (0..files)
+            .map(|f| {
+                (
+                    format!("f{f:06}"),
+                    NarNode::file(format!("{d}/{f}").into_bytes()),
+                )
+            })
+            .collect();
+        entries.push(("link".into(), NarNode::symlink(b"f000000".to_vec())));
+        (format!("d{d:06}"), NarNode::dir(entries))
+    }))
+}
+
+/// Counts (files, dirs, symlinks) below and including `path`, without following links.
+fn count_tree(path: &Path) -> (u64, u64, u64) {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    if m.file_type().is_symlink() {
+        return (0, 0, 1);
+    }
+    if m.is_file() {
+        return (1, 0, 0);
+    }
+    let mut n = (0, 1, 0);
+    for e in std::fs::read_dir(path).unwrap() {
+        let (f, d, s) = count_tree(&e.unwrap().path());
+        n = (n.0 + f, n.1 + d, n.2 + s);
+    }
+    n
+}
+
+#[test]
+fn durability_is_batched_by_default() {
+    // One syncfs per path, not one fsync per entry.
+    assert_eq!(Durability::default(), Durability::Syncfs);
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        Store::open(dir.path()).unwrap().durability,
+        Durability::Syncfs
+    );
+    // And the substituter's store follows `store-durability`.
+    let mut cfg = crate::config::Config {
+        state_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let open = |cfg: &crate::config::Config| crate::substituter::open_store(cfg).unwrap();
+    assert_eq!(open(&cfg).durability, Durability::Syncfs);
+    cfg.store_durability = crate::config::StoreDurability::Fsync;
+    assert_eq!(open(&cfg).durability, Durability::Fsync);
+}
+
+#[test]
+fn a_nar_of_many_entries_installs_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let p = sp("many", 60);
+    let nar = many_entries(100, 200).to_nar();
+    let lock = Arc::new(store.lock(&p).unwrap());
+    let st = store.stage(&lock).unwrap();
+    let stats = st.unpack(&nar[..], &NarLimits::default()).unwrap();
+    st.commit(&info_for(&p, &nar, vec![])).unwrap();
+    assert_eq!(
+        (stats.files, stats.dirs, stats.symlinks),
+        (20_000, 101, 100)
+    );
+    let real = store.real_path(&p);
+    assert_eq!(count_tree(&real), (20_000, 101, 100));
+    assert_eq!(
+        std::fs::read(real.join("d000042/f000199")).unwrap(),
+        b"42/199"
+    );
+    assert_eq!(
+        std::fs::read_link(real.join("d000099/link")).unwrap(),
+        Path::new("f000000")
+    );
+    assert!(store.is_valid(&p).unwrap());
+    // Nothing left in staging.
+    assert_eq!(entries(&dir.path().join("store")), [p.base_name()]);
+}
+
+/// `bench/many-files.sh`: times unpack + commit of one NAR of `NIXENV_BENCH_ENTRIES` files
+/// (default 100,000) under each durability, in `NIXENV_BENCH_DIR` (default `/var/tmp`).
+#[test]
+#[ignore = "benchmark: bench/many-files.sh"]
+fn bench_many_entries() {
+    let entries_wanted: usize = std::env::var("NIXENV_BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let base = std::env::var_os("NIXENV_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into());
+    let dirs = entries_wanted.div_ceil(1000).max(1);
+    let nar = many_entries(dirs, entries_wanted / dirs).to_nar();
+    for (n, durability) in [Durability::Syncfs, Durability::Fsync]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let store = Store::open(dir.path()).unwrap().with_durability(durability);
+        let p = sp("bench", 70 + n as u8);
+        let start = std::time::Instant::now();
+        let lock = Arc::new(store.lock(&p).unwrap());
+        let st = store.stage(&lock).unwrap();
+        let stats = st.unpack(&nar[..], &NarLimits::default()).unwrap();
+        st.commit(&info_for(&p, &nar, vec![])).unwrap();
+        let took = start.elapsed();
+        println!(
+            "{durability:?}: {} files, {} dirs, {} symlinks ({} NAR bytes) in {:.2} s",
+            stats.files,
+            stats.dirs,
+            stats.symlinks,
+            nar.len(),
+            took.as_secs_f64()
+        );
+    }
+}

@@ -61,7 +61,7 @@ pub use error::SubstituteError;
 pub use progress::{NoProgress, Progress};
 pub use resolve::Resolver;
 
-use crate::config::Config;
+use crate::config::{Config, StoreDurability};
 use crate::fetch::http::HttpFetcher;
 use crate::fetch::pace::{Pace, Paced, TooSlow};
 use crate::fetch::retry::RetryPolicy;
@@ -69,7 +69,7 @@ use crate::fetch::{Fetch, FetchError};
 use crate::nix::nar::NarLimits;
 use crate::nix::{NarInfo, StorePath};
 use crate::store::space::{FreeSpace, Statvfs};
-use crate::store::{Closure, PathInfo, PathLock, Staging, Store};
+use crate::store::{Closure, Durability, PathInfo, PathLock, Staging, Store};
 
 /// How often to retry a store lock another process holds.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -104,10 +104,16 @@ pub async fn materialise<P: Progress>(
 
 /// Opens the store of `cfg` (creating its directories).
 pub fn open_store(cfg: &Config) -> Result<Store, SubstituteError> {
-    Store::open(&cfg.state_dir).map_err(|source| SubstituteError::OpenStore {
-        state_dir: cfg.state_dir.clone(),
-        source: Box::new(source),
-    })
+    let durability = match cfg.store_durability {
+        StoreDurability::Syncfs => Durability::Syncfs,
+        StoreDurability::Fsync => Durability::Fsync,
+    };
+    Store::open(&cfg.state_dir)
+        .map(|store| store.with_durability(durability))
+        .map_err(|source| SubstituteError::OpenStore {
+            state_dir: cfg.state_dir.clone(),
+            source: Box::new(source),
+        })
 }
 
 /// The closure of `roots` if it is entirely valid in `store` (no network), else `None`.
