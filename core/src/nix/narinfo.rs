@@ -126,7 +126,8 @@ pub enum NarInfoError {
     EmptyField { field: &'static str, line: usize },
 }
 
-const FIELDS: &[&str] = &[
+/// The single-valued fields a narinfo may hold (`Sig` may repeat; others are ignored).
+pub const FIELDS: &[&str] = &[
     "StorePath",
     "URL",
     "Compression",
