@@ -660,3 +660,85 @@ fn refuses_a_signed_nar_size_beyond_the_free_disk_space_before_downloading() {
     let nar = format!("/{}", info.url);
     assert_eq!(server.requests(&nar), 0, "the NAR was requested");
 }
+
+/// Every store path in the node store (complete ones: not `.tmp-*`) serialises, per Nix, to
+/// the NarHash and NarSize of the cache's narinfo. Returns how many were checked.
+fn assert_installed_paths_verify(node: &TestNode, cache: Cache) -> usize {
+    let fx = Fixtures::get();
+    let mut checked = 0;
+    for e in std::fs::read_dir(node.store_dir()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = format!("/nix/store/{name}");
+        let narinfo = fx.narinfo(cache, &path);
+        let (hash, size) = nix_nar_hash_and_size(&node.store_dir().join(&name));
+        assert_eq!(hash, narinfo.nar_hash, "NarHash of installed {path}");
+        assert_eq!(size, narinfo.nar_size, "NarSize of installed {path}");
+        checked += 1;
+    }
+    checked
+}
+
+/// SIGKILLs `nixenv pull` at `NIXENV_KILLS` (default 5) random points (0-500 ms after start).
+/// After each kill every complete path in the store must verify against its NarHash. A
+/// killed pull's store is resumed by the next pull (maybe killed too); once one finishes,
+/// the next kills start from an empty store. A last pull must succeed, with every path
+/// verifying and no leftover. `bench/kill-pull.sh` runs it with 200 kills.
+#[test]
+fn sigkill_at_random_points_then_pull_succeeds_and_every_path_verifies() {
+    use rand::{Rng, SeedableRng};
+    let kills: usize = std::env::var("NIXENV_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("NIXENV_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("NIXENV_KILL_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let fx = Fixtures::get();
+    let server = CacheServer::serve(fx.cache(Cache::Xz));
+    // Slow NARs down so that kills land during downloads, unpacks and commits alike.
+    server.inject("/nar/*", Fault::Delay(Duration::from_millis(150)));
+    let mut node = node(&[&server.url()]);
+    // Builds the binary if needed, outside the timed part.
+    let _ = node.nixenv(&["--help"]).output();
+    let start = std::time::Instant::now();
+    let mut points = Vec::new();
+    let mut finished = false;
+    for _ in 0..kills {
+        // A pull that finished leaves nothing to interrupt: start again from an empty store.
+        // One that was killed is resumed (and maybe killed again) by the next.
+        if finished {
+            node = self::node(&[&server.url()]);
+        }
+        let after = Duration::from_millis(rng.gen_range(0..500));
+        let mut child = node
+            .nixenv(&["pull", &fx.echoserver])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nixenv pull");
+        std::thread::sleep(after);
+        finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        points.push((after.as_millis(), finished));
+        assert_installed_paths_verify(&node, Cache::Xz);
+    }
+    eprintln!(
+        "kill points (ms, already finished): {points:?}; {kills} kills in {:?}",
+        start.elapsed()
+    );
+    // Whatever the killed pulls installed is kept; the last pull completes the closure.
+    assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
+    assert_eq!(
+        assert_installed_paths_verify(&node, Cache::Xz),
+        fx.echoserver_closure().len()
+    );
+    assert_eq!(node.leftovers(), Vec::<String>::new(), "leftovers");
+}
