@@ -31,6 +31,7 @@ pub mod fixtures;
 pub mod images;
 pub mod node;
 pub mod podman;
+pub mod wide;
 
 pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use nixenv_core::config::Config;
 use nixenv_core::runtime::{self, Decision, Owner, OwnerKind};
@@ -446,6 +447,46 @@ fn catalog_down_with_and_without_a_cached_lock() {
         )),
         "{e}"
     );
+}
+
+#[test]
+fn a_trickling_catalog_is_cut_at_its_deadline_then_the_cached_lock_is_used() {
+    let s = setup_http();
+    let fx = Fixtures::get();
+    let echo = closure_lines(fx.echoserver_closure());
+    let catalog_url = s.catalog.url();
+    // Five bytes a second: never a stall, but the lock would take minutes. The deadline is
+    // narinfo-timeout + max-lock-size / min-transfer-rate = 1 s + 1 s.
+    let node = s
+        .node
+        .with_config_line("narinfo-timeout = \"1s\"")
+        .with_config_line("max-lock-size = \"64K\"")
+        .with_config_line("min-transfer-rate = \"64K\"");
+    s.catalog.inject(
+        "/acme/echoserver/current.json",
+        Fault::Trickle(Duration::from_millis(200)),
+    );
+    let started = std::time::Instant::now();
+    let e = fails(&node, &["pull", "acme/echoserver"]);
+    assert_eq!(
+        e,
+        format!(
+            "nixenv: acme/echoserver: catalog unreachable: {catalog_url}/acme/echoserver/current.json: too slow: not complete within 2s; no cached lock of acme/echoserver to fall back on"
+        )
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // With a lock cached, a catalog that slow counts as down: the cached lock is used.
+    s.catalog.clear_faults();
+    assert_eq!(ok(&node, &["pull", "acme/echoserver"]), echo);
+    s.catalog.inject(
+        "/acme/echoserver/current.json",
+        Fault::Trickle(Duration::from_millis(200)),
+    );
+    assert_eq!(ok(&node, &["pull", "acme/echoserver"]), echo);
 }
 
 #[test]

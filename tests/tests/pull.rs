@@ -603,6 +603,24 @@ fn a_trickling_narinfo_fails_over_to_the_next_substituter() {
 }
 
 #[test]
+fn a_trickling_nix_cache_info_fails_over_to_the_next_substituter() {
+    let fx = Fixtures::get();
+    let slow = CacheServer::serve(fx.cache(Cache::Xz));
+    slow.inject(
+        "/nix-cache-info",
+        Fault::Trickle(Duration::from_millis(200)),
+    );
+    let good = CacheServer::serve(fx.cache(Cache::Xz));
+    let node = node(&[&slow.url(), &good.url()]).with_config_line("narinfo-timeout = \"1s\"");
+    let out = pull_within(&node, &[&fx.echoserver], Duration::from_secs(15));
+    assert_pulled_echoserver(&out);
+    // Asked once for the whole pull, then skipped for every path.
+    assert_eq!(slow.requests("/nix-cache-info"), 1);
+    assert_eq!(slow.requests_matching("*.narinfo"), 0);
+    assert!(good.requests_matching("/nar/*") >= 1);
+}
+
+#[test]
 fn refuses_a_trickling_nar_below_the_minimum_rate() {
     let fx = Fixtures::get();
     let server = CacheServer::serve(fx.cache(Cache::Xz));
@@ -741,4 +759,71 @@ fn sigkill_at_random_points_then_pull_succeeds_and_every_path_verifies() {
         fx.echoserver_closure().len()
     );
     assert_eq!(node.leftovers(), Vec::<String>::new(), "leftovers");
+}
+
+/// Runs `cmd` to completion with stdout and stderr in files; returns its status, stdout,
+/// stderr and peak RSS in KiB (`wait4`'s `ru_maxrss` of that child alone).
+fn run_measured(mut cmd: Command, dir: &Path) -> (std::process::ExitStatus, String, String, i64) {
+    use std::os::unix::process::ExitStatusExt;
+    let (out_file, err_file) = (dir.join("stdout"), dir.join("stderr"));
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .expect("spawn");
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4 only writes through the pointers given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waits for our own child, which `child` has not reaped (it is never waited on).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    std::mem::forget(child);
+    (
+        std::process::ExitStatus::from_raw(status),
+        std::fs::read_to_string(out_file).unwrap(),
+        std::fs::read_to_string(err_file).unwrap(),
+        usage.ru_maxrss,
+    )
+}
+
+/// The issue's bound: a closure of 100,000 store paths pulls within 256 MiB of memory. The
+/// paths are synthetic and tiny (`nixenv_testkit::wide`: a tree of fan-out 4 with a shared
+/// base path and cross references, 6 references per path on average), so what is measured
+/// is the per-path cost of the walk, not NAR decoding.
+#[test]
+fn a_closure_of_100000_paths_pulls_within_256_mib() {
+    use nixenv_core::nix::SecretKey;
+    const N: usize = 100_000;
+    const LIMIT_KIB: i64 = 256 * 1024;
+    let fx = Fixtures::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = std::fs::read_to_string(&fx.trusted_key.secret_file).unwrap();
+    let key = SecretKey::parse(secret.trim()).unwrap();
+    let cache = tmp.path().join("cache");
+    let root = nixenv_testkit::wide::write_wide_cache(&cache, N, &key).unwrap();
+    let server = CacheServer::serve(&cache);
+    let node = node(&[&server.url()]);
+    let (status, out, err, rss_kib) =
+        run_measured(node.nixenv(&["pull", &root.to_absolute_path()]), tmp.path());
+    assert!(status.success(), "nixenv pull failed: {err}");
+    assert_eq!(out.lines().count(), N, "stdout lists the closure");
+    let installed = std::fs::read_dir(node.state_dir().join("store"))
+        .unwrap()
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(installed, N);
+    eprintln!("peak RSS of the pull: {} MiB", rss_kib / 1024);
+    assert!(
+        rss_kib < LIMIT_KIB,
+        "peak RSS {} MiB, over the bound of 256 MiB",
+        rss_kib / 1024
+    );
 }

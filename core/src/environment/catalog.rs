@@ -1,10 +1,13 @@
 //! The catalog client: `{catalog}/{org}/{app}/current.json` and `generations/{N}.json`,
 //! over any [`Fetch`] (`http(s)://`, `file://`).
 
+use std::time::Duration;
+
 use url::Url;
 
 use super::lock::{Lock, LockError};
 use super::reference::EnvName;
+use crate::fetch::pace::{PaceLimits, TooSlow};
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
 
@@ -64,6 +67,7 @@ pub struct Catalog<'a, F> {
     fetch: &'a F,
     retry: RetryPolicy,
     max_lock_size: u64,
+    pace: PaceLimits,
 }
 
 /// `url` with a trailing slash, so relative joins land below it.
@@ -115,6 +119,7 @@ impl<'a, F: Fetch> Catalog<'a, F> {
             fetch,
             retry: RetryPolicy::with_attempts(1),
             max_lock_size: MAX_LOCK_BYTES,
+            pace: PaceLimits::from_config(&crate::config::Config::default()),
         }
     }
 
@@ -128,6 +133,22 @@ impl<'a, F: Fetch> Catalog<'a, F> {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Bounds each request by `pace`: a lock must arrive within `narinfo-timeout` plus
+    /// `max-lock-size` / `min-transfer-rate` (default: the default settings'), however slowly
+    /// the server trickles it.
+    pub fn with_pace(mut self, pace: PaceLimits) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// The overall deadline of one request for a lock.
+    fn deadline(&self) -> Duration {
+        let trickle = self.max_lock_size / self.pace.min_rate.max(1);
+        self.pace
+            .narinfo
+            .saturating_add(Duration::from_secs(trickle))
     }
 
     /// The base URL.
@@ -163,7 +184,17 @@ impl<'a, F: Fetch> Catalog<'a, F> {
         let fetched = self
             .retry
             .run(
-                |_| self.fetch.get_bytes(url, self.max_lock_size),
+                |_| async {
+                    let limit = self.deadline();
+                    tokio::time::timeout(limit, self.fetch.get_bytes(url, self.max_lock_size))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(FetchError::TooSlow {
+                                url: url.clone(),
+                                reason: Box::new(TooSlow::Deadline { limit }),
+                            })
+                        })
+                },
                 FetchError::is_retryable,
             )
             .await;
@@ -396,6 +427,43 @@ pub(crate) mod tests {
                 Ok(bytes::Bytes::from(vec![b' '; 64 << 10]))
             })))
         }
+    }
+
+    /// A catalog that sends one byte of a lock, then nothing, forever.
+    struct Trickle;
+
+    impl Fetch for Trickle {
+        async fn get(&self, _url: &Url) -> Result<Body, FetchError> {
+            use futures::StreamExt;
+            let first = futures::stream::iter([Ok(bytes::Bytes::from_static(b"{"))]);
+            Ok(Box::pin(first.chain(futures::stream::pending())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trickling_catalog_is_cut_at_its_deadline_and_counts_as_unreachable() {
+        let name: EnvName = "acme/app".parse().unwrap();
+        let pace = PaceLimits {
+            min_rate: 1 << 20,
+            window: Duration::from_secs(30),
+            nar_base: Duration::from_secs(60),
+            narinfo: Duration::from_millis(300),
+        };
+        // 300 ms, plus 1 MiB at 1 MiB/s.
+        let c = Catalog::new(Url::parse(BASE).unwrap(), &Trickle)
+            .with_max_lock_size(1 << 20)
+            .with_pace(pace);
+        let started = std::time::Instant::now();
+        let e = c.current(&name).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1300), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert!(e.is_unreachable(), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("acme/app/current.json: too slow: not complete within 1s 300ms"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

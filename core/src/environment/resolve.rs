@@ -21,6 +21,7 @@ use super::catalog::{Catalog, CatalogError};
 use super::lock::{EnvVars, Lock, LockError};
 use super::reference::{EnvName, Reference};
 use crate::config::{CatalogOffline, Config};
+use crate::fetch::pace::PaceLimits;
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::Fetch;
 
@@ -169,7 +170,8 @@ pub async fn resolve<F: Fetch>(
         .with_retry(RetryPolicy::with_attempts(
             cfg.download_attempts.min(CATALOG_ATTEMPTS),
         ))
-        .with_max_lock_size(cfg.max_lock_size);
+        .with_max_lock_size(cfg.max_lock_size)
+        .with_pace(PaceLimits::from_config(cfg));
     let state = &cfg.state_dir;
     let (lock, source) = match generation {
         Some(g) => {

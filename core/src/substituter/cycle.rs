@@ -44,10 +44,7 @@ pub fn find_cycle(refs: &BTreeMap<StorePath, Vec<StorePath>>) -> Option<Vec<Stor
     let mut walk: Vec<&StorePath> = vec![start];
     loop {
         let last = walk[walk.len() - 1];
-        let next = edges(last)
-            .filter(|r| out_degree.contains_key(r))
-            .min()
-            .expect("a remaining path has a remaining reference");
+        let next = edges(last).filter(|r| out_degree.contains_key(r)).min()?; // never `None`: a remaining path has a remaining reference
         if let Some(i) = walk.iter().position(|p| *p == next) {
             let mut cycle: Vec<StorePath> = walk[i..].iter().map(|p| (*p).clone()).collect();
             let first = (0..cycle.len()).min_by_key(|&j| &cycle[j]).unwrap_or(0);

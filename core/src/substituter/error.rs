@@ -1,12 +1,14 @@
 //! Why a path could not be substituted. Each message is one line starting with the store path.
 
+use std::sync::Arc;
+
 use url::Url;
 
 use crate::fetch::netrc::NetrcError;
 use crate::fetch::FetchError;
 use crate::nix::narinfo::NarInfoError;
 use crate::nix::signature::SignatureError;
-use crate::nix::{NarHash, StorePath};
+use crate::nix::{NarHash, StorePath, STORE_DIR};
 use crate::store::unpack::UnpackError;
 use crate::store::StoreError;
 
@@ -22,6 +24,35 @@ fn chain(paths: &[StorePath]) -> String {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join(" -> ")
+}
+
+/// What makes a substituter unusable for a path.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheFault {
+    /// Its `nix-cache-info` names another store directory.
+    #[error("store directory is {found}, not {STORE_DIR}")]
+    StoreDir { found: String },
+    /// Its `nix-cache-info` could not be read (not found is fine: the cache is then accepted).
+    #[error("nix-cache-info: {source}")]
+    CacheInfo { source: FetchError },
+    /// A URL relative to the cache (a narinfo's name, a NAR's `URL`) does not make a URL.
+    #[error("bad URL {relative:?}: {source}")]
+    Url {
+        relative: String,
+        source: url::ParseError,
+    },
+}
+
+impl CacheFault {
+    /// Whether the cache was only too slow to answer: the next substituter is tried.
+    pub fn is_too_slow(&self) -> bool {
+        matches!(
+            self,
+            CacheFault::CacheInfo {
+                source: FetchError::TooSlow { .. }
+            }
+        )
+    }
 }
 
 /// The numbers of a lack of disk space.
@@ -65,11 +96,11 @@ pub enum SubstituteError {
     },
     #[error("{path}: no substituters configured")]
     NoSubstituters { path: StorePath },
-    #[error("{path}: substituter {cache}: {message}")]
+    #[error("{path}: substituter {cache}: {fault}")]
     BadCache {
         path: StorePath,
         cache: Box<Url>,
-        message: String,
+        fault: Arc<CacheFault>,
     },
     #[error("{path}: NAR URL {url:?} of substituter {cache} {source}")]
     NarUrl {
@@ -163,6 +194,9 @@ pub enum SubstituteError {
     },
     #[error("{path}: cancelled")]
     Cancelled { path: StorePath },
+    /// The walk ended with a path neither installed nor failed (a bug, not a cache's doing).
+    #[error("{path}: not installed although the pull ended (internal error)")]
+    Unfinished { path: StorePath },
 }
 
 impl From<NetrcError> for SubstituteError {
@@ -203,7 +237,8 @@ impl SubstituteError {
             | Store { path, .. }
             | Task { path, .. }
             | Cycle { path, .. }
-            | Cancelled { path } => Some(path),
+            | Cancelled { path }
+            | Unfinished { path } => Some(path),
             OpenStore { .. } | Netrc(_) | Keys(_) => None,
         }
     }

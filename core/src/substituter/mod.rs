@@ -13,9 +13,14 @@
 //!   describe the requested path and carry a signature by a trusted key (unless
 //!   `require-sigs = false`). Its NAR URL is not signed: it must stay inside the cache that
 //!   served the narinfo, encoded separators included ([`confine`]).
-//! - As soon as a path is resolved its NAR is downloaded, in parallel with the rest of the
-//!   walk: under the path's store lock (re-checking validity, so concurrent processes fetch
-//!   each path once), body chunks go through a bounded channel to a blocking thread that
+//! - The walk goes depth first, with at most `http-connections` narinfo lookups in flight (a
+//!   path waiting for a lookup costs one queue entry, not a task), so leaves resolve early;
+//!   past 8,192 resolved paths not yet launched it resolves more only when the installs run
+//!   dry, so narinfos do not pile up in memory ahead of slow installs.
+//! - A resolved path is *launched* once each of its references is launched or valid
+//!   ([`schedule`]), at most 256 at once: its NAR is downloaded, in parallel with the rest of
+//!   the walk, under the path's store lock (re-checking validity, so concurrent processes
+//!   fetch each path once); body chunks go through a bounded channel to a blocking thread that
 //!   decompresses, hashes, unpacks into a staging area and verifies NarHash/NarSize before
 //!   the commit rename. A failed attempt that may succeed again (5xx, reset, timeout, a
 //!   stream broken midway) restarts that NAR from scratch, with backoff. A NAR below
@@ -29,21 +34,28 @@
 //!   its paths would each wait for the others to be committed first ([`cycle`]).
 //! - Before it downloads anything, a run removes the staging areas (`.tmp-<hash>`) that no
 //!   live process holds: leftovers of pulls killed midway.
-//! - Paths are installed in parallel, not in reference order; the returned closure is
-//!   complete only when every install has succeeded. On the first failure the others are
-//!   cancelled and their staging areas removed before the error is returned.
+//! - A staged path is committed once each of its references is valid, so the store never
+//!   holds a valid path whose references are missing. Launching only above launched paths
+//!   keeps the staged-and-waiting paths bounded (open lock files, staging areas) and the
+//!   walk free of deadlock; what the walk holds per path of the closure is its references
+//!   (the returned [`Closure`]) and a few set entries: a closure of 100,000 paths pulls in
+//!   well under 256 MiB (`bench/wide-pull.sh`).
+//! - The returned closure is complete only when every install has succeeded. On the first
+//!   failure the others are cancelled and their staging areas removed before the error is
+//!   returned.
 
 pub mod confine;
 pub mod cycle;
 pub mod error;
 pub mod progress;
 pub mod resolve;
+pub mod schedule;
 mod stream;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 
@@ -51,7 +63,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -60,6 +72,7 @@ use url::Url;
 pub use error::SubstituteError;
 pub use progress::{NoProgress, Progress};
 pub use resolve::Resolver;
+pub use schedule::Schedule;
 
 use crate::config::{Config, StoreDurability};
 use crate::fetch::http::HttpFetcher;
@@ -70,6 +83,16 @@ use crate::nix::nar::NarLimits;
 use crate::nix::{NarInfo, StorePath};
 use crate::store::space::{FreeSpace, Statvfs};
 use crate::store::{Closure, Durability, PathInfo, PathLock, Staging, Store};
+
+/// The most paths launched at once (each holds its lock file, and its staging area once
+/// downloaded): well under the default limit of 1,024 open files, and many times the
+/// downloads in flight, so that paths staged early and waiting for their references to be
+/// committed do not stall the downloads.
+const MAX_LAUNCHED: usize = 256;
+
+/// Resolved paths not yet launched (each holds its narinfo) past which the walk resolves
+/// more only when the installs run dry.
+const MAX_WAITING: usize = 8192;
 
 /// How often to retry a store lock another process holds.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -129,15 +152,15 @@ pub fn local_closure(
         })
 }
 
-/// A substituter over some [`Fetch`] transport.
-pub struct Substituter<F: Fetch> {
+/// A substituter over some [`Fetch`] transport, checking free disk space with `S`.
+pub struct Substituter<F: Fetch, S: FreeSpace = Statvfs> {
     fetch: F,
     resolver: Resolver,
     store: Arc<Store>,
     requests: usize,
     downloads: usize,
     limits: NarLimits,
-    free_space: Arc<dyn FreeSpace>,
+    free_space: S,
     /// `gc-max-size`, named in a lack-of-space error.
     budget: Option<u64>,
 }
@@ -150,52 +173,87 @@ struct RunState {
     downloads: Semaphore,
     /// Set on the first failure: everything else stops and cleans up.
     cancel: CancellationToken,
-    /// Paths valid in the store (found valid, or committed by this run).
-    done: std::sync::Mutex<HashSet<StorePath>>,
-    /// Signalled whenever `done` grows.
-    changed: Notify,
-}
-
-impl RunState {
-    fn mark_done(&self, path: &StorePath) {
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.clone());
-        self.changed.notify_waiters();
-    }
-
-    /// Waits until every reference (other than `me`) is valid; `Err` if the run is cancelled.
-    async fn wait_for(&self, me: &StorePath, refs: &[StorePath]) -> Result<(), ()> {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-                if refs.iter().all(|r| r == me || done.contains(r)) {
-                    return Ok(());
-                }
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = self.cancel.cancelled() => return Err(()),
-            }
-        }
-    }
 }
 
 /// One finished unit of work of the walk.
 enum Event {
     Resolved(StorePath, Result<Box<(NarInfo, Url)>, SubstituteError>),
-    /// The NarSize the install had reserved, and its outcome.
-    Installed(u64, Result<(), SubstituteError>),
+    /// A launched path (with its NarSize): downloaded and staged, or found valid (`None`),
+    /// or failed.
+    Downloaded(
+        StorePath,
+        u64,
+        Result<Option<Box<(Staging, PathInfo)>>, SubstituteError>,
+    ),
+    /// A staged path committed (the NarSize it had reserved), or failed.
+    Committed(StorePath, u64, Result<(), SubstituteError>),
+}
+
+/// The walk's own state: the graph so far and the installs waiting for their turn.
+#[derive(Default)]
+struct Walk {
+    /// Paths to look at, depth first (so leaves resolve early and installs start early).
+    queue: Vec<StorePath>,
+    /// Paths looked at.
+    seen: HashSet<StorePath>,
+    /// The references of every path of the closure known so far.
+    refs: BTreeMap<StorePath, Vec<StorePath>>,
+    /// Launch and commit order.
+    schedule: Schedule,
+    /// Resolved paths waiting for their references to be launched (see [`schedule`]).
+    resolved: HashMap<StorePath, Box<(NarInfo, Url)>>,
+    /// Paths that may be launched, waiting for a free slot.
+    ready: Vec<StorePath>,
+    /// Staged paths waiting for their references to be committed.
+    staged: HashMap<StorePath, Box<(Staging, PathInfo)>>,
+    /// Narinfo lookups in flight; once none is left and the queue is empty, the whole graph
+    /// is known.
+    resolving: usize,
+    /// NarSize of the paths resolved and not yet installed: what the disk must still hold.
+    outstanding: u64,
+}
+
+impl Walk {
+    /// A walk from `roots`.
+    fn new(roots: &[StorePath]) -> Self {
+        Walk {
+            queue: roots.iter().rev().cloned().collect(),
+            ..Walk::default()
+        }
+    }
+
+    /// The next path to look at, if any: the one queued last, so that a path many others
+    /// reference (glibc) is looked at as soon as the first of them is resolved, and installs
+    /// can start before the whole graph is known.
+    fn next(&mut self) -> Option<StorePath> {
+        while let Some(p) = self.queue.pop() {
+            if self.seen.insert(p.clone()) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Queues the references of `path` not looked at yet and records them. A path queued
+    /// again moves to the top; the queue holds at most one entry per edge of the graph.
+    fn add_references(&mut self, path: &StorePath, mut references: Vec<StorePath>) {
+        references.sort();
+        references.dedup();
+        self.queue.extend(
+            references
+                .iter()
+                .filter(|r| !self.seen.contains(*r))
+                .cloned(),
+        );
+        self.refs.insert(path.clone(), references);
+    }
 }
 
 impl<F: Fetch> Substituter<F> {
     /// A substituter for `cfg`'s caches, keys and limits, over `fetch`, into `store`.
     pub fn new(cfg: &Config, fetch: F, store: Arc<Store>) -> Result<Self, SubstituteError> {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let downloads = cfg.http_connections.clamp(1, (cpus * 4).max(4));
         Ok(Substituter {
             fetch,
             resolver: Resolver::new(cfg)?,
@@ -203,19 +261,29 @@ impl<F: Fetch> Substituter<F> {
             requests: cfg.http_connections.max(1),
             // Each download decompresses on its own thread; a few per core keep the
             // network busy without holding many decoder windows in memory.
-            downloads: cfg.http_connections.clamp(1, (cpus * 4).max(4)),
+            downloads,
             limits: NarLimits::default(),
-            free_space: Arc::new(Statvfs),
+            free_space: Statvfs,
             budget: cfg.gc_max_size,
         })
     }
 
     /// Replaces the free-space probe (tests fake a full disk).
-    pub fn with_free_space(mut self, free_space: Arc<dyn FreeSpace>) -> Self {
-        self.free_space = free_space;
-        self
+    pub fn with_free_space<S: FreeSpace>(self, free_space: S) -> Substituter<F, S> {
+        Substituter {
+            fetch: self.fetch,
+            resolver: self.resolver,
+            store: self.store,
+            requests: self.requests,
+            downloads: self.downloads,
+            limits: self.limits,
+            free_space,
+            budget: self.budget,
+        }
     }
+}
 
+impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
     /// Whether the store's filesystem has room for `needed` bytes: the NarSize of every path
     /// resolved but not yet installed by this run, `path`'s included. A probe that fails is
     /// logged and does not stop the pull.
@@ -256,7 +324,6 @@ impl<F: Fetch> Substituter<F> {
         roots: &[StorePath],
         progress: &P,
     ) -> Result<Closure, SubstituteError> {
-        raise_fd_limit();
         // Staging areas no live process holds are leftovers of killed pulls: clear them
         // before adding new ones (best effort, a failure here does not stop the pull).
         let store = self.store.clone();
@@ -269,49 +336,53 @@ impl<F: Fetch> Substituter<F> {
             requests: Semaphore::new(self.requests),
             downloads: Semaphore::new(self.downloads),
             cancel: CancellationToken::new(),
-            done: Default::default(),
-            changed: Notify::new(),
         };
-        let cancel = &state.cancel;
-        let mut refs: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
-        let mut seen: HashSet<StorePath> = HashSet::new();
-        let mut queue: VecDeque<StorePath> = roots.iter().cloned().collect();
+        let state = &state;
+        let mut walk = Walk::new(roots);
         let mut pending: FuturesUnordered<BoxFuture<'_, Event>> = FuturesUnordered::new();
         let mut first_err: Option<SubstituteError> = None;
-        // Narinfo lookups in flight; once none is left the whole graph is known.
-        let mut resolving = 0usize;
         let mut cycles_checked = false;
-        // NarSize of the paths resolved and not yet installed: what the disk must still hold.
-        let mut outstanding = 0u64;
+        let fail = |first_err: &mut Option<SubstituteError>, e: SubstituteError| {
+            if first_err.is_none() && !matches!(e, SubstituteError::Cancelled { .. }) {
+                tracing::debug!(error = %e, "cancelling the other downloads");
+                *first_err = Some(e);
+                state.cancel.cancel();
+            }
+        };
 
         loop {
-            while first_err.is_none() {
-                let Some(p) = queue.pop_front() else { break };
-                if !seen.insert(p.clone()) {
-                    continue;
-                }
+            // Look at queued paths, with at most `requests` narinfo lookups in flight (a
+            // lookup not started holds one queued path, not a future). Resolving far ahead
+            // of the installs would only pile up narinfos in memory: past `MAX_WAITING`
+            // resolved paths not launched, resolve only when nothing is ready to launch and
+            // few downloads are in flight (always so, eventually: no deadlock).
+            while first_err.is_none()
+                && walk.resolving < self.requests
+                && (walk.resolved.len() < MAX_WAITING
+                    || (walk.ready.is_empty() && walk.schedule.in_flight() < MAX_LAUNCHED / 4))
+            {
+                let Some(p) = walk.next() else { break };
                 match self.store.query(&p) {
                     Ok(Some(info)) => {
                         progress.present(&p);
-                        state.mark_done(&p);
-                        queue.extend(
-                            info.references
-                                .iter()
-                                .filter(|r| !seen.contains(*r))
-                                .cloned(),
-                        );
-                        refs.insert(p, info.references);
+                        walk.add_references(&p, info.references);
+                        let released = walk.schedule.valid(&p);
+                        walk.ready.extend(released.launch);
+                        debug_assert!(released.commit.is_empty() || !walk.staged.is_empty());
+                        for c in released.commit {
+                            pending.push(self.commit_staged(&mut walk, c));
+                        }
                     }
                     Ok(None) => {
                         let fut = self
                             .resolver
                             .resolve(&self.fetch, p.clone(), &state.requests);
-                        resolving += 1;
+                        walk.resolving += 1;
                         pending.push(
                             async move {
                                 let r = tokio::select! {
                                     r = fut => r.map(Box::new),
-                                    _ = cancel.cancelled() => {
+                                    _ = state.cancel.cancelled() => {
                                         Err(SubstituteError::Cancelled { path: p.clone() })
                                     }
                                 };
@@ -320,87 +391,155 @@ impl<F: Fetch> Substituter<F> {
                             .boxed(),
                         );
                     }
-                    Err(source) => {
-                        first_err = Some(SubstituteError::Store {
+                    Err(source) => fail(
+                        &mut first_err,
+                        SubstituteError::Store {
                             path: p,
                             source: Box::new(source),
-                        });
-                        cancel.cancel();
-                    }
+                        },
+                    ),
                 }
             }
-            if first_err.is_none() && queue.is_empty() && resolving == 0 && !cycles_checked {
+            // Launch what may be launched, at most `MAX_LAUNCHED` at once.
+            while first_err.is_none() && walk.schedule.in_flight() < MAX_LAUNCHED {
+                let Some(p) = walk.ready.pop() else { break };
+                let Some(resolved) = walk.resolved.remove(&p) else {
+                    continue;
+                };
+                walk.ready.extend(walk.schedule.launched(&p));
+                let (info, cache) = *resolved;
+                let size = info.nar_size;
+                let fut = self.download(info, cache, state, progress);
+                pending.push(async move { Event::Downloaded(p, size, fut.await) }.boxed());
+            }
+            if first_err.is_none()
+                && walk.queue.is_empty()
+                && walk.resolving == 0
+                && !cycles_checked
+            {
                 // Members of a cycle would each wait for the others forever: refuse it.
                 cycles_checked = true;
-                if let Some(cycle) = cycle::find_cycle(&refs) {
-                    first_err = Some(SubstituteError::Cycle {
-                        path: cycle[0].clone(),
-                        cycle,
-                    });
-                    cancel.cancel();
+                if let Some(cycle) = cycle::find_cycle(&walk.refs) {
+                    fail(
+                        &mut first_err,
+                        SubstituteError::Cycle {
+                            path: cycle[0].clone(),
+                            cycle,
+                        },
+                    );
                 }
             }
             let Some(ev) = pending.next().await else {
                 break;
             };
-            if let Event::Resolved(..) = ev {
-                resolving -= 1;
-            }
             match ev {
                 Event::Resolved(p, Ok(resolved)) => {
-                    let (info, cache) = *resolved;
-                    progress.resolved(&p, &info);
-                    if first_err.is_none() {
-                        let mut r = info.references.clone();
-                        r.sort();
-                        r.dedup();
-                        queue.extend(r.iter().filter(|r| !seen.contains(*r)).cloned());
-                        refs.insert(p.clone(), r);
-                        let size = info.nar_size;
-                        let needed = outstanding.saturating_add(size);
-                        if let Err(e) = self.check_space(&p, needed) {
-                            first_err = Some(e);
-                            cancel.cancel();
-                        } else {
-                            outstanding = needed;
-                            let fut = self.install(info, cache, &state, progress);
-                            pending.push(async move { Event::Installed(size, fut.await) }.boxed());
-                        }
+                    walk.resolving -= 1;
+                    progress.resolved(&p, &resolved.0);
+                    if first_err.is_some() {
+                        continue;
+                    }
+                    walk.add_references(&p, resolved.0.references.clone());
+                    let needed = walk.outstanding.saturating_add(resolved.0.nar_size);
+                    if let Err(e) = self.check_space(&p, needed) {
+                        fail(&mut first_err, e);
+                        continue;
+                    }
+                    walk.outstanding = needed;
+                    if walk.schedule.resolved(&p, &walk.refs[&p]) {
+                        walk.ready.push(p.clone());
+                    }
+                    walk.resolved.insert(p, resolved);
+                }
+                Event::Resolved(_, Err(e)) => {
+                    walk.resolving -= 1;
+                    fail(&mut first_err, e);
+                }
+                Event::Downloaded(p, size, Ok(None)) => {
+                    // Another process installed it meanwhile.
+                    walk.outstanding = walk.outstanding.saturating_sub(size);
+                    self.now_valid(&mut walk, &p, &mut pending);
+                }
+                Event::Downloaded(p, _, Ok(Some(staged))) => {
+                    if first_err.is_some() {
+                        continue;
+                    }
+                    let committable = walk.schedule.staged(&p, &staged.1.references);
+                    walk.staged.insert(p.clone(), staged);
+                    if committable {
+                        pending.push(self.commit_staged(&mut walk, p));
                     }
                 }
-                Event::Installed(size, Ok(())) => outstanding = outstanding.saturating_sub(size),
-                Event::Resolved(_, Err(e)) | Event::Installed(_, Err(e)) => {
-                    if first_err.is_none() && !matches!(e, SubstituteError::Cancelled { .. }) {
-                        tracing::debug!(error = %e, "cancelling the other downloads");
-                        first_err = Some(e);
-                        cancel.cancel();
-                    }
+                Event::Committed(p, size, Ok(())) => {
+                    walk.outstanding = walk.outstanding.saturating_sub(size);
+                    progress.download_finished(&p);
+                    self.now_valid(&mut walk, &p, &mut pending);
+                }
+                Event::Downloaded(_, _, Err(e)) | Event::Committed(_, _, Err(e)) => {
+                    fail(&mut first_err, e)
                 }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(Closure::from_references(refs)),
+        if let Some(e) = first_err {
+            // Staged paths not committed are removed as they drop.
+            return Err(e);
+        }
+        if let Some(path) = walk.schedule.stuck() {
+            return Err(SubstituteError::Unfinished { path: path.clone() });
+        }
+        Ok(Closure::from_references(walk.refs))
+    }
+
+    /// `path` is valid: launch and commit what waited for it.
+    fn now_valid<'s>(
+        &'s self,
+        walk: &mut Walk,
+        path: &StorePath,
+        pending: &mut FuturesUnordered<BoxFuture<'s, Event>>,
+    ) {
+        let released = walk.schedule.valid(path);
+        walk.ready.extend(released.launch);
+        for c in released.commit {
+            pending.push(self.commit_staged(walk, c));
         }
     }
 
-    /// Downloads, verifies and installs one path (unless another process did meanwhile).
-    ///
-    /// Downloads run in parallel, but a path is committed only once all its references are
-    /// valid, so a valid path's closure is always valid too (after a failure or a crash, the
-    /// store never holds a path whose references are missing).
-    async fn install<P: Progress>(
+    /// Commits the staged `path` on a blocking thread.
+    fn commit_staged<'s>(&'s self, walk: &mut Walk, path: StorePath) -> BoxFuture<'s, Event> {
+        let staged = walk.staged.remove(&path);
+        async move {
+            let Some(staged) = staged else {
+                return Event::Committed(path, 0, Ok(()));
+            };
+            let (staging, pinfo) = *staged;
+            let size = pinfo.nar_size;
+            let p = path.clone();
+            let r = match tokio::task::spawn_blocking(move || staging.commit(&pinfo)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(SubstituteError::Store {
+                    path: p,
+                    source: Box::new(source),
+                }),
+                Err(e) => Err(SubstituteError::Task {
+                    path: p,
+                    message: e.to_string(),
+                }),
+            };
+            Event::Committed(path, size, r)
+        }
+        .boxed()
+    }
+
+    /// Downloads, verifies and stages one path under its lock; `None` if it turned out valid
+    /// (another process installed it meanwhile). The walk commits it once its references are.
+    async fn download<P: Progress>(
         &self,
         info: NarInfo,
         cache: Url,
         state: &RunState,
         progress: &P,
-    ) -> Result<(), SubstituteError> {
+    ) -> Result<Option<Box<(Staging, PathInfo)>>, SubstituteError> {
         let path = info.store_path.clone();
-        let task_err = |e: tokio::task::JoinError| SubstituteError::Task {
-            path: path.clone(),
-            message: e.to_string(),
-        };
         let store_err = |source| SubstituteError::Store {
             path: path.clone(),
             source: Box::new(source),
@@ -423,15 +562,17 @@ impl<F: Fetch> Substituter<F> {
         let lock = Arc::new(lock);
         if self.store.query(&path).map_err(store_err)?.is_some() {
             progress.present(&path);
-            state.mark_done(&path);
-            return Ok(());
+            return Ok(None);
         }
         let url = cache
             .join(&info.url)
-            .map_err(|e| SubstituteError::BadCache {
+            .map_err(|source| SubstituteError::BadCache {
                 path: path.clone(),
                 cache: Box::new(cache.clone()),
-                message: format!("bad NAR URL {:?}: {e}", info.url),
+                fault: Arc::new(error::CacheFault::Url {
+                    relative: info.url.clone(),
+                    source,
+                }),
             })?;
         // The narinfo's URL is not signed: it must stay within the cache that served it.
         confine::check(&cache, &url).map_err(|source| SubstituteError::NarUrl {
@@ -444,7 +585,7 @@ impl<F: Fetch> Substituter<F> {
         progress.download_started(&path, &url, info.file_size, info.nar_size);
         let span = tracing::info_span!("nar", %path, %url);
         let path_ref = &path;
-        let (staging, pinfo) = self
+        let staged = self
             .resolver
             .retry
             .run(
@@ -468,16 +609,7 @@ impl<F: Fetch> Substituter<F> {
             .instrument(span)
             .await?;
         drop(permit);
-        if state.wait_for(&path, &pinfo.references).await.is_err() {
-            return Err(SubstituteError::Cancelled { path });
-        }
-        tokio::task::spawn_blocking(move || staging.commit(&pinfo))
-            .await
-            .map_err(task_err)?
-            .map_err(store_err)?;
-        state.mark_done(&path);
-        progress.download_finished(&path);
-        Ok(())
+        Ok(Some(Box::new(staged)))
     }
 
     /// One attempt at a NAR: stream the body into a blocking unpacker. Returns the verified,
@@ -562,28 +694,6 @@ impl<F: Fetch> Substituter<F> {
             (None, Ok(Ok(staged))) => Ok(staged),
         }
     }
-}
-
-/// Raises the soft open-file limit to the hard one (once per process): every path downloaded
-/// but waiting for its references keeps its lock file open.
-fn raise_fd_limit() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit/setrlimit only read/write the struct passed by pointer.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                let want = lim.rlim_max.min(1 << 20);
-                if lim.rlim_cur < want {
-                    lim.rlim_cur = want;
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                }
-            }
-        }
-    });
 }
 
 /// A transport failure while fetching a NAR, as the user should read it.

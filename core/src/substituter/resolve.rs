@@ -6,13 +6,14 @@
 //! checks that a closure is available without downloading it ([`Resolver::closure`]).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::Instrument;
 use url::Url;
 
-use super::error::SubstituteError;
+use super::error::{CacheFault, SubstituteError};
 use crate::config::Config;
 use crate::fetch::pace::{PaceLimits, TooSlow};
 use crate::fetch::retry::RetryPolicy;
@@ -27,7 +28,7 @@ struct Cache {
     /// Base URL, with a trailing slash so that `join` appends.
     url: Url,
     /// Result of checking `nix-cache-info`, once.
-    checked: OnceCell<Result<(), String>>,
+    checked: OnceCell<Result<(), Arc<CacheFault>>>,
 }
 
 /// The configured caches and keys, and how to ask them.
@@ -83,7 +84,9 @@ impl Resolver {
         let mut queue: Vec<StorePath> = roots.to_vec();
         let mut pending = FuturesUnordered::new();
         loop {
-            while let Some(p) = queue.pop() {
+            // At most `requests` lookups exist at once: a queued path is only a path.
+            while pending.len() < requests.max(1) {
+                let Some(p) = queue.pop() else { break };
                 if seen.insert(p.clone()) {
                     pending.push(self.resolve(fetch, p, &permits));
                 }
@@ -102,15 +105,18 @@ impl Resolver {
     }
 
     /// Checks a cache's `nix-cache-info` once: its `StoreDir` must be `/nix/store`. A cache
-    /// without the file is accepted (its narinfos name their paths anyway).
-    async fn check_cache<F: Fetch>(&self, fetch: &F, cache: &Cache) -> Result<(), String> {
+    /// without the file is accepted (its narinfos name their paths anyway). The outcome,
+    /// good or bad (too slow included), holds for the rest of the run.
+    async fn check_cache<F: Fetch>(&self, fetch: &F, cache: &Cache) -> Result<(), Arc<CacheFault>> {
         cache
             .checked
             .get_or_init(|| async {
-                let url = cache
-                    .url
-                    .join("nix-cache-info")
-                    .map_err(|e| e.to_string())?;
+                let url = cache.url.join("nix-cache-info").map_err(|source| {
+                    Arc::new(CacheFault::Url {
+                        relative: "nix-cache-info".into(),
+                        source,
+                    })
+                })?;
                 let got = self
                     .retry
                     .run(
@@ -121,13 +127,15 @@ impl Resolver {
                 let text = match got {
                     Ok(b) => String::from_utf8_lossy(&b).into_owned(),
                     Err(FetchError::NotFound { .. }) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
+                    Err(source) => return Err(Arc::new(CacheFault::CacheInfo { source })),
                 };
                 for line in text.lines() {
                     if let Some(dir) = line.strip_prefix("StoreDir:") {
                         let dir = dir.trim();
                         if dir != STORE_DIR {
-                            return Err(format!("store directory is {dir}, not {STORE_DIR}"));
+                            return Err(Arc::new(CacheFault::StoreDir {
+                                found: dir.to_owned(),
+                            }));
                         }
                     }
                 }
@@ -149,23 +157,28 @@ impl Resolver {
         }
         let name = format!("{}.narinfo", path.hash_str());
         // A cache too slow to answer is skipped; if no other has the path, this is the error.
-        let mut slow: Option<FetchError> = None;
+        let mut slow: Option<SubstituteError> = None;
         for cache in &self.caches {
-            self.check_cache(fetch, cache)
-                .await
-                .map_err(|message| SubstituteError::BadCache {
-                    path: path.clone(),
-                    cache: Box::new(cache.url.clone()),
-                    message,
-                })?;
-            let url = cache
-                .url
-                .join(&name)
-                .map_err(|e| SubstituteError::BadCache {
-                    path: path.clone(),
-                    cache: Box::new(cache.url.clone()),
-                    message: e.to_string(),
-                })?;
+            let bad_cache = |fault| SubstituteError::BadCache {
+                path: path.clone(),
+                cache: Box::new(cache.url.clone()),
+                fault,
+            };
+            match self.check_cache(fetch, cache).await {
+                Ok(()) => {}
+                Err(fault) if fault.is_too_slow() => {
+                    tracing::warn!(%path, cache = %cache.url, error = %fault, "substituter too slow, trying the next");
+                    slow = Some(bad_cache(fault));
+                    continue;
+                }
+                Err(fault) => return Err(bad_cache(fault)),
+            }
+            let url = cache.url.join(&name).map_err(|source| {
+                bad_cache(Arc::new(CacheFault::Url {
+                    relative: name.clone(),
+                    source,
+                }))
+            })?;
             let got = {
                 let _permit = requests.acquire().await;
                 self.retry
@@ -182,9 +195,12 @@ impl Resolver {
                     tracing::debug!(%path, %url, "not in this substituter");
                     continue;
                 }
-                Err(e @ FetchError::TooSlow { .. }) => {
-                    tracing::warn!(%path, error = %e, "substituter too slow, trying the next");
-                    slow = Some(e);
+                Err(source @ FetchError::TooSlow { .. }) => {
+                    tracing::warn!(%path, error = %source, "substituter too slow, trying the next");
+                    slow = Some(SubstituteError::Fetch {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    });
                     continue;
                 }
                 Err(source) => {
@@ -218,11 +234,8 @@ impl Resolver {
             tracing::debug!(%path, %url, nar_size = info.nar_size, "resolved");
             return Ok((info, cache.url.clone()));
         }
-        if let Some(source) = slow {
-            return Err(SubstituteError::Fetch {
-                path,
-                source: Box::new(source),
-            });
+        if let Some(e) = slow {
+            return Err(e);
         }
         Err(SubstituteError::NotFound {
             path,

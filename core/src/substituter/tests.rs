@@ -1024,7 +1024,7 @@ async fn a_nar_size_beyond_the_free_space_fails_before_any_download() {
         });
         let mut cfg = config(dir.path(), &[CACHE1]);
         cfg.gc_max_size = budget;
-        let sub = substituter(&cfg, fake).with_free_space(Arc::new(FixedSpace(FREE)));
+        let sub = substituter(&cfg, fake).with_free_space(FixedSpace(FREE));
         let e = sub
             .materialise(std::slice::from_ref(&top), &NoProgress)
             .await
@@ -1050,8 +1050,7 @@ async fn a_nar_size_beyond_the_free_space_fails_before_any_download() {
     let fake = FakeFetch::default();
     let a = sp("fits", 3);
     publish(&fake, CACHE1, &a, &[], Compression::None, Some(&key()));
-    let sub = substituter(&config(dir.path(), &[CACHE1]), fake)
-        .with_free_space(Arc::new(FixedSpace(FREE)));
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake).with_free_space(FixedSpace(FREE));
     sub.materialise(std::slice::from_ref(&a), &NoProgress)
         .await
         .unwrap();
