@@ -62,7 +62,6 @@ pub use progress::{NoProgress, Progress};
 pub use resolve::Resolver;
 
 use crate::config::{Config, StoreDurability};
-use crate::fetch::http::HttpFetcher;
 use crate::fetch::pace::{Pace, Paced, TooSlow};
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
@@ -75,24 +74,19 @@ use crate::store::{Closure, Durability, PathInfo, PathLock, Staging, Store};
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Materialises the closure of `roots` into the store under `cfg.state_dir`, fetching
-/// missing paths from `cfg.substituters`; returns the closure (sorted, with references).
-pub async fn materialise<P: Progress>(
+/// missing paths from `cfg.substituters` over `fetch`; returns the closure (sorted, with
+/// references). The caller holds the shared gc lock ([`crate::gc::GcLock::shared`]) from
+/// before this call until the closure is rooted (see `crate::gc`).
+pub async fn materialise<F: Fetch, P: Progress>(
     cfg: &Config,
+    fetch: F,
     roots: &[StorePath],
     progress: &P,
 ) -> Result<Closure, SubstituteError> {
     let store = open_store(cfg)?;
-    // Hold gc off from the validity checks until the closure is touched (see `crate::gc`).
-    let _gc = crate::gc::GcLock::shared_async(&cfg.state_dir)
-        .await
-        .map_err(|source| SubstituteError::OpenStore {
-            state_dir: cfg.state_dir.clone(),
-            source: Box::new(source),
-        })?;
     let closure = match local_closure(&store, roots)? {
         Some(c) => c,
         None => {
-            let fetch = HttpFetcher::new(cfg)?;
             Substituter::new(cfg, fetch, Arc::new(store.clone()))?
                 .materialise(roots, progress)
                 .await?
