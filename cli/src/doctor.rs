@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use nixenv_core::doctor::{self, DoctorOptions, SystemHost};
-use nixenv_core::fetch::http::HttpFetcher;
+use nixenv_core::fetch::Fetcher;
 
 use crate::Globals;
 
@@ -71,7 +71,7 @@ pub fn run(globals: &Globals, args: &DoctorArgs) -> Result<(), DoctorError> {
         .build()
         .map_err(DoctorError::Runtime)?;
     let report = rt.block_on(doctor::run(&opts, &SystemHost, |cfg| {
-        HttpFetcher::new(cfg).ok()
+        Fetcher::for_config(cfg).ok()
     }));
     if args.json {
         println!(

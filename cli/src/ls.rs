@@ -6,8 +6,8 @@ use std::io::Write;
 use nixenv_core::config::ConfigError;
 use nixenv_core::environment::publish::{self, Listing, PublishError};
 use nixenv_core::environment::{EnvName, ReferenceError};
-use nixenv_core::fetch::http::HttpFetcher;
 use nixenv_core::fetch::netrc::NetrcError;
+use nixenv_core::fetch::Fetcher;
 
 use crate::Globals;
 
@@ -66,7 +66,7 @@ pub fn run(globals: &Globals, args: &LsArgs) -> Result<(), LsError> {
         (None, Some(url)) => url.clone(),
         (None, None) => return Err(in_name(PublishError::NoCatalog)),
     };
-    let fetch = HttpFetcher::new(&cfg)?;
+    let fetch = Fetcher::for_config(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

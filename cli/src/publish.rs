@@ -7,8 +7,8 @@ use std::io::Write;
 use nixenv_core::config::ConfigError;
 use nixenv_core::environment::publish::{self, PublishError};
 use nixenv_core::environment::{EnvName, EnvVars, ReferenceError};
-use nixenv_core::fetch::http::HttpFetcher;
 use nixenv_core::fetch::netrc::NetrcError;
+use nixenv_core::fetch::Fetcher;
 use nixenv_core::nix::store_path::StorePathError;
 use nixenv_core::nix::StorePath;
 
@@ -89,7 +89,7 @@ pub fn run(globals: &Globals, args: &PublishArgs) -> Result<(), PublishCliError>
     };
     let dir = publish::catalog_dir(&target).map_err(in_name)?;
     let system = args.system.clone().unwrap_or_else(|| cfg.system.clone());
-    let fetch = HttpFetcher::new(&cfg)?;
+    let fetch = Fetcher::for_config(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -117,8 +117,8 @@ pub fn run(globals: &Globals, args: &PullArgs) -> Result<(), PullError> {
                 .map_err(PullError::Runtime)?;
             let progress = CliProgress::for_stderr();
             let result = rt.block_on(async {
-                let fetch = nixenv_core::fetch::http::HttpFetcher::new(&cfg)
-                    .map_err(SubstituteError::from)?;
+                let fetch =
+                    nixenv_core::fetch::Fetcher::for_config(&cfg).map_err(SubstituteError::from)?;
                 Substituter::new(&cfg, fetch, std::sync::Arc::new(store))?
                     .materialise(&roots, &progress)
                     .await

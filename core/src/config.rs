@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use crate::fetch::scheme::Scheme;
+
 /// Where the configuration is read from when `$NIXENV_CONFIG` is unset.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixenv/config.toml";
 /// Default `state-dir`.
@@ -395,10 +397,12 @@ impl Config {
 
 fn parse_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| e.to_string())?;
-    match url.scheme() {
-        "http" | "https" | "file" => Ok(url),
-        other => Err(format!(
-            "unsupported scheme {other:?} (use https://, http:// or file://)"
+    match Scheme::of(&url) {
+        Some(_) => Ok(url),
+        None => Err(format!(
+            "unsupported scheme {:?} (use {})",
+            url.scheme(),
+            Scheme::SUPPORTED
         )),
     }
 }
@@ -444,7 +448,7 @@ fn parse_redirect_hosts(v: &toml::Value) -> Result<AllowedRedirectHosts, (String
         toml::Value::Table(t) => {
             for (from, list) in t {
                 let url = Url::parse(from).map_err(|e| (from.clone(), e.to_string()))?;
-                if !matches!(url.scheme(), "http" | "https") {
+                if Scheme::of(&url) != Some(Scheme::Http) {
                     return Err((
                         from.clone(),
                         "expected an http:// or https:// cache URL".into(),

@@ -1,6 +1,8 @@
 //! nixenv core library.
 //!
 //! One concept per file:
+//! - [`annotations`], [`atomic`], [`finding`] — shared vocabulary in leaves that import
+//!   nothing of the crate: annotation names, atomic file replacement, a node check's finding;
 //! - [`nix`] — Nix formats (store paths, nixbase32, hashes, narinfo, signatures, NAR), pure and I/O-free;
 //! - [`config`] — `/etc/nixenv/config.toml`;
 //! - [`fetch`] — the HTTP/`file://` edge, as a trait;
@@ -9,13 +11,17 @@
 //! - [`environment`] — references, catalog, locks, resolution cache, publishing;
 //! - [`spec`] — the OCI runtime spec rewrite;
 //! - [`pin`] — GC roots held by running containers;
+//! - [`doctor`] — `nixenv doctor`'s checks of a node;
 //! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
 //! - [`runtime`] — the one call the shim, the runc wrapper and the hook make.
 
+pub mod annotations;
+pub mod atomic;
 pub mod config;
 pub mod doctor;
 pub mod environment;
 pub mod fetch;
+pub mod finding;
 pub mod gc;
 pub mod nix;
 pub mod pin;

@@ -10,16 +10,16 @@
 //!            "namespace": "k8s.io"}}
 //! ```
 //!
-//! A pin is first written with `closure` empty (the lock's `paths` are the roots) before the
-//! closure is materialised, then rewritten with the full closure, so paths being installed for
-//! a container are already rooted. `owner` tells a collector where the container lives, so it
+//! A pin is written once per container, with the full closure, after it is materialised
+//! ([`crate::runtime`]); until then the shared gc lock, not a pin, keeps gc away from the paths
+//! being installed. `paths` are the lock's roots, `closure` every path they reach. `owner` tells a collector where the container lives, so it
 //! can drop pins of containers that no longer exist (no `<runtime_root>/<id>`, no bundle).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::environment::atomic;
+use crate::atomic;
 use crate::nix::StorePath;
 
 /// The pin file format version.

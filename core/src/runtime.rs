@@ -1,5 +1,7 @@
 //! The one call the shim, the runc wrapper and the hooks make: decide whether a container is
-//! nixenv's, resolve and materialise its environment, pin it, and rewrite its spec.
+//! nixenv's, resolve and materialise its environment, pin it, and rewrite its spec. Two entry
+//! points: [`prepare_spec`] (a spec in memory, the precreate hook) and [`prepare_bundle`]
+//! (`<bundle>/config.json`, the shim's helper and the runc wrapper); [`release`] undoes either.
 //!
 //! A container is nixenv's when its spec carries `nix.dev/environment`, it is not the pod
 //! sandbox (containerd CRI `io.kubernetes.cri.container-type = sandbox`, CRI-O
@@ -7,22 +9,29 @@
 //! (`io.kubernetes.cri.container-name` or `io.kubernetes.container.name`) is not listed in
 //! `nix.dev/skip-containers`. Anything else passes through untouched.
 //!
-//! For nixenv's containers: parse the reference, resolve it (catalog and resolution cache),
-//! pin the lock's paths for the container, materialise their closure, pin the closure, and
-//! rewrite the spec ([`crate::spec::rewrite()`]). On any failure after pinning the pin is removed,
-//! so nothing is left half-done. [`release`] removes the pin when the container is deleted.
+//! For nixenv's containers: build one [`Fetcher`] (so at most one HTTP client, shared by the
+//! catalog and the substituter), parse the reference, resolve it (catalog and resolution
+//! cache), take the store-wide gc lock shared (once, held until the pin is written),
+//! materialise the closure, pin it (one write, with the whole closure), and rewrite the spec
+//! ([`crate::spec::rewrite()`]). On any failure after pinning, or if the preparation is
+//! dropped, the pin is removed, so nothing is left half-done. [`release`] removes the pin when
+//! the container is deleted.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 
 use oci_spec::runtime::Spec;
 
+use crate::annotations::{
+    CRIO_CONTAINER_TYPE, CRI_CONTAINER_NAME, CRI_CONTAINER_TYPE, ENVIRONMENT_ANNOTATION,
+    K8S_CONTAINER_NAME, SKIP_CONTAINERS_ANNOTATION,
+};
 use crate::config::Config;
 use crate::environment::{resolve, Reference, ReferenceError, ResolveError, Resolved};
-use crate::fetch::http::HttpFetcher;
 use crate::fetch::netrc::NetrcError;
-use crate::fetch::Fetch;
+use crate::fetch::{Fetch, Fetcher};
 use crate::gc::GcLock;
 use crate::nix::StorePath;
 use crate::pin::{self, Pin, PinError};
@@ -31,19 +40,6 @@ use crate::store::{Closure, StoreError};
 use crate::substituter::{self, NoProgress, SubstituteError};
 
 pub use crate::pin::{Owner, OwnerKind};
-
-/// The annotation naming the environment.
-pub const ENVIRONMENT_ANNOTATION: &str = "nix.dev/environment";
-/// Comma-separated container names left untouched.
-pub const SKIP_CONTAINERS_ANNOTATION: &str = "nix.dev/skip-containers";
-/// containerd CRI: `sandbox` or `container`.
-pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-/// CRI-O: `sandbox` or `container`.
-pub const CRIO_CONTAINER_TYPE: &str = "io.kubernetes.cri-o.ContainerType";
-/// containerd CRI: the container's name in the pod.
-pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
-/// CRI-O (and the kubelet's labels): the container's name in the pod.
-pub const K8S_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 
 /// What [`prepare_spec`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +117,7 @@ fn reference_prefix(r: &Option<String>) -> String {
 }
 
 /// Materialises closures into the node store; a trait so runtime logic is testable without
-/// caches.
+/// caches. Called with the store-wide gc lock held shared: it must not take it again.
 pub trait Materialise: Send + Sync {
     /// The closure of `roots`, every path valid in the node store.
     fn materialise(
@@ -130,25 +126,53 @@ pub trait Materialise: Send + Sync {
     ) -> impl Future<Output = Result<Closure, SubstituteError>> + Send;
 }
 
-/// The production [`Materialise`]: the configured substituters (no HTTP client at all when
-/// the closure is already in the store).
-pub struct Substituters<'a> {
-    cfg: &'a Config,
-}
-
-impl<'a> Substituters<'a> {
-    /// For `cfg`.
-    pub fn new(cfg: &'a Config) -> Self {
-        Substituters { cfg }
-    }
-}
-
-impl Materialise for Substituters<'_> {
+impl<M: Materialise> Materialise for &M {
     fn materialise(
         &self,
         roots: &[StorePath],
     ) -> impl Future<Output = Result<Closure, SubstituteError>> + Send {
-        substituter::materialise(self.cfg, roots, &NoProgress)
+        (**self).materialise(roots)
+    }
+}
+
+/// The production [`Materialise`]: the configured substituters, over the fetcher the catalog
+/// used (no HTTP client at all when the closure is already in the store).
+pub struct Substituters<'a, F> {
+    cfg: &'a Config,
+    fetch: Arc<F>,
+}
+
+impl<'a, F: Fetch> Substituters<'a, F> {
+    /// For `cfg`, over `fetch`.
+    pub fn new(cfg: &'a Config, fetch: Arc<F>) -> Self {
+        Substituters { cfg, fetch }
+    }
+}
+
+impl<F: Fetch> Materialise for Substituters<'_, F> {
+    fn materialise(
+        &self,
+        roots: &[StorePath],
+    ) -> impl Future<Output = Result<Closure, SubstituteError>> + Send {
+        substituter::materialise(self.cfg, self.fetch.clone(), roots, &NoProgress)
+    }
+}
+
+/// What a preparation reaches beyond the node store, built once per prepared container (a
+/// pass-through builds nothing): the catalog's transport and the materialiser.
+type Edges<F, M> = Result<(F, M), NetrcError>;
+
+/// The production edges: ONE [`Fetcher`] (so at most one HTTP client per container), shared
+/// by the catalog and the substituters.
+fn production_edges(cfg: &Config) -> Edges<Arc<Fetcher>, Substituters<'_, Fetcher>> {
+    let fetch = Arc::new(Fetcher::for_config(cfg)?);
+    Ok((fetch.clone(), Substituters::new(cfg, fetch)))
+}
+
+fn edges_err(annotated: &str) -> impl FnOnce(NetrcError) -> RuntimeError + '_ {
+    move |source| RuntimeError::Netrc {
+        reference: annotated.to_owned(),
+        source,
     }
 }
 
@@ -336,11 +360,33 @@ fn undo_pin(cfg: &Config, container_id: &str) {
     }
 }
 
-/// [`prepare_spec_as`] with an injected catalog transport and materialiser.
-pub async fn prepare_spec_with<F: Fetch, M: Materialise>(
+/// Decides, resolves, materialises, pins `container_id` and rewrites `spec` in place, recording
+/// `owner` (runtime kind, runc root, bundle) in the pin.
+pub async fn prepare_spec(
     cfg: &Config,
-    fetch: &F,
-    materialiser: &M,
+    container_id: &str,
+    spec: &mut Spec,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    prepare_spec_via(cfg, || production_edges(cfg), container_id, spec, owner).await
+}
+
+/// [`prepare_spec`] on `<bundle>/config.json`, rewritten atomically; untouched (byte for byte)
+/// on [`Decision::PassThrough`]. The pin's owner `bundle` defaults to `bundle`.
+pub async fn prepare_bundle(
+    cfg: &Config,
+    container_id: &str,
+    bundle: &Path,
+    owner: &Owner,
+) -> Result<Decision, RuntimeError> {
+    prepare_bundle_via(cfg, || production_edges(cfg), container_id, bundle, owner).await
+}
+
+/// [`prepare_spec`] with the edges `edges` builds (called once, and only for nixenv's
+/// containers).
+async fn prepare_spec_via<F: Fetch, M: Materialise>(
+    cfg: &Config,
+    edges: impl FnOnce() -> Edges<F, M>,
     container_id: &str,
     spec: &mut Spec,
     owner: &Owner,
@@ -349,56 +395,30 @@ pub async fn prepare_spec_with<F: Fetch, M: Materialise>(
     let Some(annotated) = wanted(&annotations) else {
         return Ok(Decision::PassThrough);
     };
-    let ready = make_ready(cfg, fetch, materialiser, container_id, annotated, owner).await?;
+    let (fetch, materialiser) = edges().map_err(edges_err(annotated))?;
+    let ready = make_ready(cfg, &fetch, &materialiser, container_id, annotated, owner).await?;
     ready.rewrite(cfg, spec);
     Ok(Decision::Rewritten(ready.keep()))
 }
 
-/// [`prepare_bundle_as`] with an injected catalog transport and materialiser.
-pub async fn prepare_bundle_with<F: Fetch, M: Materialise>(
+/// [`prepare_bundle`] with the edges `edges` builds (called once, and only for nixenv's
+/// containers).
+async fn prepare_bundle_via<F: Fetch, M: Materialise>(
     cfg: &Config,
-    fetch: &F,
-    materialiser: &M,
+    edges: impl FnOnce() -> Edges<F, M>,
     container_id: &str,
     bundle: &Path,
     owner: &Owner,
 ) -> Result<Decision, RuntimeError> {
-    let config = read_bundle(bundle)?;
+    let config = BundleConfig::read(bundle).map_err(|source| RuntimeError::Bundle {
+        reference: None,
+        source,
+    })?;
     let annotations = config.annotations();
     let Some(annotated) = wanted(&annotations) else {
         return Ok(Decision::PassThrough);
     };
-    rewrite_bundle(
-        cfg,
-        fetch,
-        materialiser,
-        container_id,
-        &config,
-        annotated,
-        bundle,
-        owner,
-    )
-    .await
-}
-
-fn read_bundle(bundle: &Path) -> Result<BundleConfig, RuntimeError> {
-    BundleConfig::read(bundle).map_err(|source| RuntimeError::Bundle {
-        reference: None,
-        source,
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn rewrite_bundle<F: Fetch, M: Materialise>(
-    cfg: &Config,
-    fetch: &F,
-    materialiser: &M,
-    container_id: &str,
-    config: &BundleConfig,
-    annotated: &str,
-    bundle: &Path,
-    owner: &Owner,
-) -> Result<Decision, RuntimeError> {
+    let (fetch, materialiser) = edges().map_err(edges_err(annotated))?;
     let bundle_err = |source| RuntimeError::Bundle {
         reference: Some(annotated.to_owned()),
         source,
@@ -408,88 +428,11 @@ async fn rewrite_bundle<F: Fetch, M: Materialise>(
     if owner.bundle.is_none() {
         owner.bundle = Some(std::path::absolute(bundle).unwrap_or_else(|_| bundle.to_owned()));
     }
-    let ready = make_ready(cfg, fetch, materialiser, container_id, annotated, &owner).await?;
+    let ready = make_ready(cfg, &fetch, &materialiser, container_id, annotated, &owner).await?;
     ready.rewrite(cfg, &mut spec);
     // On failure `ready` is dropped, which removes the pin.
     config.write_rewritten(&spec).map_err(bundle_err)?;
     Ok(Decision::Rewritten(ready.keep()))
-}
-
-fn production_fetcher(cfg: &Config, annotated: &str) -> Result<HttpFetcher, RuntimeError> {
-    HttpFetcher::new(cfg).map_err(|source| RuntimeError::Netrc {
-        reference: annotated.to_owned(),
-        source,
-    })
-}
-
-/// Decides, resolves, materialises, pins `container_id` and rewrites `spec` in place.
-/// The pin's owner is unknown; see [`prepare_spec_as`].
-pub async fn prepare_spec(
-    cfg: &Config,
-    container_id: &str,
-    spec: &mut Spec,
-) -> Result<Decision, RuntimeError> {
-    prepare_spec_as(cfg, container_id, spec, &Owner::default()).await
-}
-
-/// [`prepare_spec`], recording `owner` (runtime kind, runc root, bundle) in the pin.
-pub async fn prepare_spec_as(
-    cfg: &Config,
-    container_id: &str,
-    spec: &mut Spec,
-    owner: &Owner,
-) -> Result<Decision, RuntimeError> {
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    let Some(annotated) = wanted(&annotations) else {
-        return Ok(Decision::PassThrough);
-    };
-    let fetch = production_fetcher(cfg, annotated)?;
-    prepare_spec_with(
-        cfg,
-        &fetch,
-        &Substituters::new(cfg),
-        container_id,
-        spec,
-        owner,
-    )
-    .await
-}
-
-/// [`prepare_spec`] on `<bundle>/config.json`, rewritten atomically; untouched (byte for byte)
-/// on [`Decision::PassThrough`].
-pub async fn prepare_bundle(
-    cfg: &Config,
-    container_id: &str,
-    bundle: &Path,
-) -> Result<Decision, RuntimeError> {
-    prepare_bundle_as(cfg, container_id, bundle, &Owner::default()).await
-}
-
-/// [`prepare_bundle`], recording `owner` in the pin (its `bundle` defaults to `bundle`).
-pub async fn prepare_bundle_as(
-    cfg: &Config,
-    container_id: &str,
-    bundle: &Path,
-    owner: &Owner,
-) -> Result<Decision, RuntimeError> {
-    let config = read_bundle(bundle)?;
-    let annotations = config.annotations();
-    let Some(annotated) = wanted(&annotations) else {
-        return Ok(Decision::PassThrough);
-    };
-    let fetch = production_fetcher(cfg, annotated)?;
-    let materialiser = Substituters::new(cfg);
-    rewrite_bundle(
-        cfg,
-        &fetch,
-        &materialiser,
-        container_id,
-        &config,
-        annotated,
-        bundle,
-        owner,
-    )
-    .await
 }
 
 /// Drops the pin of `container_id` (idempotent).
@@ -592,7 +535,14 @@ mod tests {
     }
 
     async fn prepare(f: &Fixture, id: &str, spec: &mut Spec) -> Result<Decision, RuntimeError> {
-        prepare_spec_with(&f.cfg, &f.fetch, &f.store, id, spec, &Owner::default()).await
+        prepare_spec_via(&f.cfg, || f.edges(), id, spec, &Owner::default()).await
+    }
+
+    impl Fixture {
+        /// The fake edges: the fixture's catalog (its request log shared) and store.
+        fn edges(&self) -> Edges<FakeFetch, &FakeStore> {
+            Ok((self.fetch.clone(), &self.store))
+        }
     }
 
     #[test]
@@ -798,16 +748,9 @@ mod tests {
         let plain =
             b"{ \"ociVersion\": \"1.0.2\",\n  \"annotations\": {\"x\": \"y\"}, \"weird\": 1.50 }\n";
         std::fs::write(&cfg_path, plain).unwrap();
-        let d = prepare_bundle_with(
-            &f.cfg,
-            &f.fetch,
-            &f.store,
-            "c2",
-            b.path(),
-            &Owner::default(),
-        )
-        .await
-        .unwrap();
+        let d = prepare_bundle_via(&f.cfg, || f.edges(), "c2", b.path(), &Owner::default())
+            .await
+            .unwrap();
         assert_eq!(d, Decision::PassThrough);
         assert_eq!(std::fs::read(&cfg_path).unwrap(), plain);
 
@@ -818,7 +761,7 @@ mod tests {
             runtime_root: Some("/run/runc".into()),
             ..Owner::default()
         };
-        let d = prepare_bundle_with(&f.cfg, &f.fetch, &f.store, "c2", b.path(), &owner)
+        let d = prepare_bundle_via(&f.cfg, || f.edges(), "c2", b.path(), &owner)
             .await
             .unwrap();
         assert!(matches!(d, Decision::Rewritten(_)));
@@ -836,11 +779,91 @@ mod tests {
         )
         .unwrap();
         let before = std::fs::read(&cfg_path).unwrap();
-        let e = prepare_bundle_with(&f.cfg, &f.fetch, &f.store, "c4", b.path(), &owner)
+        let e = prepare_bundle_via(&f.cfg, || f.edges(), "c4", b.path(), &owner)
             .await
             .unwrap_err();
         assert!(e.to_string().starts_with("acme/app@9: generation 9"), "{e}");
         assert_eq!(std::fs::read(&cfg_path).unwrap(), before);
         assert!(pin::read(&f.cfg.state_dir, "c4").unwrap().is_none());
+    }
+
+    /// A Create builds its edges (one fetcher, so at most one HTTP client) exactly once, and a
+    /// pass-through builds none; the catalog and the materialiser get the same fetcher.
+    #[tokio::test]
+    async fn one_fetcher_per_prepared_container() {
+        let f = fixture();
+        let built = std::sync::atomic::AtomicUsize::new(0);
+        let edges = || {
+            built.fetch_add(1, Ordering::SeqCst);
+            f.edges()
+        };
+        let mut s = spec_with(&[]);
+        assert_eq!(
+            prepare_spec_via(&f.cfg, edges, "c0", &mut s, &Owner::default())
+                .await
+                .unwrap(),
+            Decision::PassThrough
+        );
+        assert_eq!(built.load(Ordering::SeqCst), 0);
+
+        let edges = || {
+            built.fetch_add(1, Ordering::SeqCst);
+            f.edges()
+        };
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare_spec_via(&f.cfg, edges, "c1", &mut s, &Owner::default())
+            .await
+            .unwrap();
+        assert_eq!(built.load(Ordering::SeqCst), 1);
+
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(
+            b.path().join("config.json"),
+            serde_json::to_vec(&s).unwrap(),
+        )
+        .unwrap();
+        let edges = || {
+            built.fetch_add(1, Ordering::SeqCst);
+            f.edges()
+        };
+        prepare_bundle_via(&f.cfg, edges, "c2", b.path(), &Owner::default())
+            .await
+            .unwrap();
+        assert_eq!(built.load(Ordering::SeqCst), 2);
+
+        // The production materialiser fetches over the fetcher it is given (the one the
+        // catalog used): a cold store's requests land in the same request log.
+        let cfg = Config {
+            substituters: vec![Url::parse("http://127.0.0.1:9/cache").unwrap()],
+            ..f.cfg.clone()
+        };
+        let fetch = Arc::new(FakeFetch::default());
+        let before = fetch.total();
+        let a: StorePath = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-absent-1.0"
+            .parse()
+            .unwrap();
+        Substituters::new(&cfg, fetch.clone())
+            .materialise(&[a])
+            .await
+            .unwrap_err();
+        assert!(fetch.total() > before);
+    }
+
+    /// A Create takes the gc lock once: the production materialiser relies on the caller's
+    /// shared lock and does not take it again (it would wait here, gc holding it exclusive).
+    #[tokio::test]
+    async fn the_materialiser_does_not_take_the_gc_lock_again() {
+        let f = fixture();
+        let _gc = crate::gc::GcLock::exclusive(&f.cfg.state_dir).unwrap();
+        let fetch = Arc::new(FakeFetch::default());
+        let closure = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            Substituters::new(&f.cfg, fetch.clone()).materialise(&[]),
+        )
+        .await
+        .expect("the materialiser waited for the gc lock")
+        .unwrap();
+        assert!(closure.paths.is_empty());
+        assert_eq!(fetch.total(), 0);
     }
 }

@@ -128,7 +128,7 @@ impl crate::shim::ShimCore for Node {
         };
         let decision = Self::block_on_until_signal(
             &req.id,
-            runtime::prepare_bundle_as(&cfg, &req.id, &req.bundle, &owner),
+            runtime::prepare_bundle(&cfg, &req.id, &req.bundle, &owner),
         )??;
         Ok((decision, cfg.runc.clone()))
     }
@@ -162,7 +162,7 @@ impl crate::wrapper::Core for Node {
             bundle: std::path::absolute(bundle).ok(),
             namespace: None,
         };
-        let decision = Self::block_on(runtime::prepare_bundle_as(&cfg, id, bundle, &owner))??;
+        let decision = Self::block_on(runtime::prepare_bundle(&cfg, id, bundle, &owner))??;
         if let Decision::Rewritten(p) = &decision {
             tracing::info!(container = id, reference = %p.reference, paths = p.closure.len(), "bundle prepared");
         }
@@ -204,7 +204,7 @@ impl crate::hook::Prepare for Node {
             bundle: bundle.map(Path::to_owned),
             namespace: None,
         };
-        Ok(Self::block_on(runtime::prepare_spec_as(
+        Ok(Self::block_on(runtime::prepare_spec(
             &cfg, key, spec, &owner,
         ))??)
     }

@@ -135,7 +135,7 @@ async fn prepare_bundle_rewrites_config_json_and_runc_runs_the_closure() {
         runtime_root: Some(runc.root.path().to_owned()),
         ..Owner::default()
     };
-    let decision = runtime::prepare_bundle_as(&cfg, &runc.id, b.path(), &owner)
+    let decision = runtime::prepare_bundle(&cfg, &runc.id, b.path(), &owner)
         .await
         .unwrap();
     let Decision::Rewritten(prepared) = decision else {
@@ -254,7 +254,7 @@ async fn bundles_that_are_not_ours_stay_byte_identical() {
         let b = bundle(&["sh"], &["PATH=/bin"], &annotations);
         let path = b.path().join("config.json");
         let before = std::fs::read(&path).unwrap();
-        let d = runtime::prepare_bundle(&cfg, "plain-1", b.path())
+        let d = runtime::prepare_bundle(&cfg, "plain-1", b.path(), &Owner::default())
             .await
             .unwrap();
         assert_eq!(d, Decision::PassThrough, "{annotations:?}");
@@ -295,7 +295,7 @@ async fn runtime_errors_name_the_reference_and_leave_nothing() {
         let b = bundle(&["sh"], &["PATH=/bin"], &[("nix.dev/environment", reference)]);
         let path = b.path().join("config.json");
         let before = std::fs::read(&path).unwrap();
-        let e = runtime::prepare_bundle(&cfg, "bad-1", b.path()).await.unwrap_err();
+        let e = runtime::prepare_bundle(&cfg, "bad-1", b.path(), &Owner::default()).await.unwrap_err();
         assert_eq!(e.to_string(), want);
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(!s.node.state_dir().join("pins/bad-1.json").exists());

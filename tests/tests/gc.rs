@@ -1,5 +1,5 @@
 //! End-to-end tests of `nixenv gc`: real fixture closures pulled over HTTP by `nixenv pull`,
-//! pins made by the real runtime path (`nixenv_core::runtime::prepare_bundle_as`) for real
+//! pins made by the real runtime path (`nixenv_core::runtime::prepare_bundle`) for real
 //! runc containers (`runc run -d` with a private `--root`), so staleness is decided by real
 //! `runc state`.
 
@@ -199,7 +199,7 @@ impl Runc {
         let b = self.bundle(id, reference);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let d = rt
-            .block_on(runtime::prepare_bundle_as(cfg, id, &b, &self.owner()))
+            .block_on(runtime::prepare_bundle(cfg, id, &b, &self.owner()))
             .unwrap_or_else(|e| panic!("prepare {id}: {e}"));
         let Decision::Rewritten(prepared) = d else {
             panic!("{id} passed through")
@@ -519,7 +519,7 @@ fn child_prepare_bundle() {
         ..Owner::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(runtime::prepare_bundle_as(
+    rt.block_on(runtime::prepare_bundle(
         &cfg,
         v["id"].as_str().unwrap(),
         Path::new(v["bundle"].as_str().unwrap()),
@@ -593,7 +593,7 @@ fn sigkill_while_pinning_leaves_a_stale_pin_that_gc_drops() {
     let b = runc.bundle("pin-final", &fx.echoserver);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = rt
-        .block_on(runtime::prepare_bundle_as(
+        .block_on(runtime::prepare_bundle(
             &cfg,
             "pin-final",
             &b,

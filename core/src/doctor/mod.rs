@@ -13,75 +13,17 @@ use serde::Serialize;
 use url::Url;
 
 use crate::config::{Config, ConfigError};
-use crate::fetch::{Fetch, FetchError};
+use crate::fetch::{Fetch, FetchError, Scheme};
+pub use crate::finding::{Finding, Status};
 
 /// The image pods name as `empty:latest`.
 pub const EMPTY_IMAGE: &str = "docker.io/library/empty:latest";
 /// The runtime handler name (RuntimeClass `handler`).
 pub const HANDLER: &str = "nixenv";
 /// The annotation the runtime must receive.
-pub const ANNOTATION: &str = "nix.dev/environment";
+pub const ANNOTATION: &str = crate::annotations::ENVIRONMENT_ANNOTATION;
 /// containerd's runtime type for the nixenv shim.
 pub const SHIM_RUNTIME_TYPE: &str = "io.containerd.nixenv.v2";
-
-/// Outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Ok,
-    /// Not applicable on this node (e.g. CRI-O not installed).
-    Skip,
-    Warn,
-    Fail,
-}
-
-impl Status {
-    pub fn label(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Skip => "skip",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
-        }
-    }
-}
-
-/// One finding, with the fix when it is not `ok`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Finding {
-    pub status: Status,
-    pub check: String,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
-}
-
-impl Finding {
-    fn new(status: Status, check: impl Into<String>, message: impl Into<String>) -> Self {
-        Finding {
-            status,
-            check: check.into(),
-            message: message.into(),
-            fix: None,
-        }
-    }
-    fn ok(check: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::new(Status::Ok, check, message)
-    }
-    fn skip(check: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::new(Status::Skip, check, message)
-    }
-    fn warn(check: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self::new(Status::Warn, check, message).with_fix(fix)
-    }
-    fn fail(check: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self::new(Status::Fail, check, message).with_fix(fix)
-    }
-    fn with_fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = Some(fix.into());
-        self
-    }
-}
 
 /// Where to look; every path is overridable so tests can point at a private containerd.
 #[derive(Debug, Clone)]
@@ -703,7 +645,7 @@ async fn check_catalog<F: Fetch>(fetch: &F, catalog: Option<&Url>) -> Finding {
             "set catalog in the config",
         );
     };
-    if catalog.scheme() == "file" {
+    if Scheme::of(catalog) == Some(Scheme::File) {
         return match catalog.to_file_path() {
             Ok(p) if p.is_dir() => Finding::ok(check, format!("{catalog}: directory present")),
             _ => Finding::fail(

@@ -1,7 +1,6 @@
 //! Environments: references (`org/app[@N]`, store paths), the catalog and its locks, the
 //! resolution cache, and publishing.
 
-pub mod atomic;
 pub mod catalog;
 pub mod lock;
 pub mod publish;

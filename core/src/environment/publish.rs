@@ -21,12 +21,12 @@ use std::path::{Path, PathBuf};
 use futures::stream::{FuturesUnordered, StreamExt};
 use url::Url;
 
-use super::atomic;
 use super::catalog::{self, Catalog, CatalogError};
 use super::lock::{self, EnvVars, Lock, LockError, SystemLock};
 use super::reference::EnvName;
+use crate::atomic;
 use crate::config::Config;
-use crate::fetch::Fetch;
+use crate::fetch::{Fetch, Scheme};
 use crate::nix::StorePath;
 use crate::substituter::{Resolver, SubstituteError};
 
@@ -81,18 +81,18 @@ pub fn catalog_dir(value: &str) -> Result<PathBuf, PublishError> {
             value: value.to_owned(),
             reason: e.to_string(),
         })?;
-        return match url.scheme() {
-            "file" => url.to_file_path().map_err(|()| PublishError::BadCatalog {
+        return match Scheme::of(&url) {
+            Some(Scheme::File) => url.to_file_path().map_err(|()| PublishError::BadCatalog {
                 value: value.to_owned(),
                 reason: "not a local path".into(),
             }),
-            "http" | "https" => Err(PublishError::ReadOnlyCatalog {
+            Some(Scheme::Http) => Err(PublishError::ReadOnlyCatalog {
                 scheme: url.scheme().to_owned(),
                 url: Box::new(url),
             }),
-            other => Err(PublishError::BadCatalog {
+            None => Err(PublishError::BadCatalog {
                 value: value.to_owned(),
-                reason: format!("unsupported scheme {other:?}"),
+                reason: format!("unsupported scheme {:?}", url.scheme()),
             }),
         };
     }
@@ -321,8 +321,8 @@ pub async fn list<F: Fetch>(url: &Url, fetch: &F, name: &EnvName) -> Result<List
         Err(CatalogError::EnvironmentNotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let numbers: Vec<u64> = match url.scheme() {
-        "file" => {
+    let numbers: Vec<u64> = match Scheme::of(url) {
+        Some(Scheme::File) => {
             let dir = catalog::environment_url(url, name)?
                 .to_file_path()
                 .map_err(|()| PublishError::BadCatalog {

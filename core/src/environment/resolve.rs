@@ -16,10 +16,10 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::atomic;
 use super::catalog::{Catalog, CatalogError};
 use super::lock::{EnvVars, Lock, LockError};
 use super::reference::{EnvName, Reference};
+use crate::atomic;
 use crate::config::{CatalogOffline, Config};
 use crate::fetch::pace::PaceLimits;
 use crate::fetch::retry::RetryPolicy;
@@ -243,7 +243,7 @@ pub fn resolve_blocking(cfg: &Config, reference: &Reference) -> Result<Resolved,
         // No request: no client, no runtime.
         return futures::executor::block_on(resolve(cfg, &NoFetch, reference));
     }
-    let fetch = crate::fetch::http::HttpFetcher::new(cfg)?;
+    let fetch = crate::fetch::Fetcher::for_config(cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,4 +1,4 @@
-//! The production [`Fetch`]: HTTP(S) with one shared `reqwest` client, and `file://` from disk.
+//! The `http(s)://` backend of [`super::Fetcher`], with one shared `reqwest` client.
 //!
 //! - One client per fetcher, built on first use (a warm pull builds none): connection reuse,
 //!   HTTP/2 where the server offers it through ALPN (adaptive flow-control window), a connect
@@ -12,22 +12,17 @@
 //! - No retries here: callers wrap whole operations in [`super::retry::RetryPolicy`], so a NAR
 //!   whose stream breaks midway is restarted from its first byte.
 
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use url::Url;
 
-use super::netrc::{Netrc, NetrcError};
+use super::counted::Counted;
+use super::netrc::Netrc;
 use super::redirect::RedirectRefused;
 use super::{Body, Fetch, FetchError};
 use crate::config::{AllowedRedirectHosts, Config};
-
-/// Read buffer for `file://` bodies.
-const FILE_CHUNK: usize = 256 * 1024;
 
 /// Settings of the HTTP client.
 #[derive(Debug, Clone)]
@@ -52,7 +47,7 @@ impl HttpSettings {
     }
 }
 
-/// GET over HTTP(S) and `file://`.
+/// GET over HTTP(S).
 pub struct HttpFetcher {
     settings: HttpSettings,
     netrc: Option<Netrc>,
@@ -60,12 +55,6 @@ pub struct HttpFetcher {
 }
 
 impl HttpFetcher {
-    /// A fetcher for this configuration; reads `netrc-file` if set.
-    pub fn new(cfg: &Config) -> Result<Self, NetrcError> {
-        let netrc = cfg.netrc_file.as_deref().map(Netrc::load).transpose()?;
-        Ok(Self::with_settings(HttpSettings::from_config(cfg), netrc))
-    }
-
     /// A fetcher with explicit settings and credentials.
     pub fn with_settings(settings: HttpSettings, netrc: Option<Netrc>) -> Self {
         HttpFetcher {
@@ -73,6 +62,12 @@ impl HttpFetcher {
             netrc,
             client: OnceLock::new(),
         }
+    }
+
+    /// Whether the client has been built (it is, on the first HTTP request).
+    #[cfg(test)]
+    pub(super) fn client_built(&self) -> bool {
+        self.client.get().is_some()
     }
 
     fn client(&self, url: &Url) -> Result<&reqwest::Client, FetchError> {
@@ -139,46 +134,11 @@ impl HttpFetcher {
         let stream = resp.bytes_stream().map_err(move |e| transport(&u, &e));
         Ok(Box::pin(Counted::new(stream, url.clone())))
     }
-
-    async fn get_file(&self, url: &Url) -> Result<Body, FetchError> {
-        let path = url.to_file_path().map_err(|()| FetchError::Io {
-            url: url.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a local file path"),
-        })?;
-        let file = tokio::fs::File::open(&path).await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                FetchError::NotFound { url: url.clone() }
-            } else {
-                FetchError::Io {
-                    url: url.clone(),
-                    source,
-                }
-            }
-        })?;
-        let u = url.clone();
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK).map_err(move |source| {
-                FetchError::Io {
-                    url: u.clone(),
-                    source,
-                }
-            });
-        tracing::debug!(%url, "open file");
-        Ok(Box::pin(Counted::new(stream, url.clone())))
-    }
 }
 
 impl Fetch for HttpFetcher {
     async fn get(&self, url: &Url) -> Result<Body, FetchError> {
-        match url.scheme() {
-            "http" | "https" => self.get_http(url).await,
-            "file" => self.get_file(url).await,
-            other => Err(FetchError::Transport {
-                url: url.clone(),
-                message: format!("unsupported URL scheme {other:?}"),
-                retryable: false,
-            }),
-        }
+        self.get_http(url).await
     }
 }
 
@@ -251,73 +211,12 @@ fn transport(url: &Url, e: &reqwest::Error) -> FetchError {
     }
 }
 
-/// Logs the number of body bytes when the stream ends.
-struct Counted<S> {
-    inner: S,
-    url: Url,
-    bytes: u64,
-    done: bool,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S, url: Url) -> Self {
-        Counted {
-            inner,
-            url,
-            bytes: 0,
-            done: false,
-        }
-    }
-}
-
-impl<S: Stream<Item = Result<Bytes, FetchError>> + Unpin> Stream for Counted<S> {
-    type Item = Result<Bytes, FetchError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let r = self.inner.poll_next_unpin(cx);
-        match &r {
-            Poll::Ready(Some(Ok(b))) => self.bytes += b.len() as u64,
-            Poll::Ready(Some(Err(e))) if !self.done => {
-                self.done = true;
-                tracing::debug!(url = %self.url, bytes = self.bytes, error = %e, "body failed");
-            }
-            Poll::Ready(None) if !self.done => {
-                self.done = true;
-                tracing::debug!(url = %self.url, bytes = self.bytes, "body complete");
-            }
-            _ => {}
-        }
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn fetcher() -> HttpFetcher {
         HttpFetcher::with_settings(HttpSettings::from_config(&Config::default()), None)
-    }
-
-    #[tokio::test]
-    async fn file_urls() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(dir.path().join("x.nar"), &data).unwrap();
-        let f = fetcher();
-        let url = Url::from_file_path(dir.path().join("x.nar")).unwrap();
-        assert_eq!(f.get_bytes(&url, 1 << 30).await.unwrap(), data);
-        assert!(matches!(
-            f.get_bytes(&url, 1000).await,
-            Err(FetchError::TooLarge { limit: 1000, .. })
-        ));
-        let missing = Url::from_file_path(dir.path().join("nope.narinfo")).unwrap();
-        assert!(matches!(
-            f.get(&missing).await,
-            Err(FetchError::NotFound { .. })
-        ));
-        // No client is built for file:// URLs.
-        assert!(f.client.get().is_none());
     }
 
     /// A one-connection-per-response HTTP server on 127.0.0.1: answers the i-th connection

@@ -1,20 +1,30 @@
 //! The network edge: GET a URL (`http://`, `https://`, `file://`) as a byte stream.
 //!
 //! Logic that fetches (substituter, catalog) is generic over [`Fetch`], so tests can
-//! inject failures without a server; production uses [`http::HttpFetcher`].
+//! inject failures without a server; production uses [`Fetcher`], built from the
+//! configuration by [`Fetcher::for_config`] only. Its backends are one file each
+//! ([`http`], [`file`](mod@file)), chosen by [`Scheme`] ([`scheme`], the only scheme check).
 
+mod counted;
+pub mod fetcher;
+pub mod file;
 pub mod http;
 pub mod netrc;
 pub mod pace;
 pub mod redirect;
 pub mod retry;
+pub mod scheme;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
 use url::Url;
+
+pub use fetcher::Fetcher;
+pub use scheme::Scheme;
 
 /// A response body, streamed.
 pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, FetchError>> + Send>>;
@@ -99,5 +109,13 @@ pub trait Fetch: Send + Sync + 'static {
             }
             Ok(out)
         }
+    }
+}
+
+/// A shared fetcher fetches like the fetcher it shares: one [`Fetcher`] (one HTTP client) for
+/// the catalog and the substituter of an operation.
+impl<T: Fetch> Fetch for Arc<T> {
+    fn get(&self, url: &Url) -> impl Future<Output = Result<Body, FetchError>> + Send {
+        (**self).get(url)
     }
 }

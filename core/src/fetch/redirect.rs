@@ -18,6 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use url::{Host, Url};
 
+use super::scheme::Scheme;
 use crate::config::AllowedRedirectHosts;
 
 /// Redirects followed for one request at most.
@@ -54,7 +55,7 @@ pub fn check(
             max: MAX_REDIRECTS,
         });
     }
-    if !matches!(target.scheme(), "http" | "https") {
+    if Scheme::of(target) != Some(Scheme::Http) {
         return Err(RedirectRefused::Scheme {
             target: target.clone(),
             scheme: target.scheme().to_owned(),

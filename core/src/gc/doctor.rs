@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::doctor::{Finding, Status};
+use crate::finding::{Finding, Status};
 use crate::pin;
 
 use super::delete::{STAGING_PREFIX, TRASH_PREFIX};

@@ -13,8 +13,8 @@
 //!
 //! One store-wide lock, `flock(2)` on `{state-dir}/gc.lock` ([`GcLock`]):
 //!
-//! - **Pulls and pins take it shared** ([`GcLock::shared`], in `substituter::materialise` and
-//!   `nixenv pull`) from before they check which paths are valid until the paths they return
+//! - **Pulls and pins take it shared** ([`GcLock::shared`], once per container start in
+//!   `runtime.rs`, and in `nixenv pull`) from before they check which paths are valid until the paths they return
 //!   are *rooted*: touched ([`usage::touch`], last use = now) and, for containers, covered by
 //!   the container's pin. Shared holders do not block each other.
 //! - **gc takes it exclusive** while it decides and retires: it reads the pins, the records
@@ -29,10 +29,10 @@
 //!   again whatever gc removed. A pull that holds the lock makes gc wait; when gc gets it,
 //!   the pull's paths have a fresh last use (kept by `--keep-since`) and, for a container,
 //!   are reachable from its pin. Nothing a pull returned is removed while it returns it.
-//! - The runtime writes a container's pin with the lock's root paths *before* materialising
-//!   (`runtime.rs`), then with the full closure. gc expands every live pin's paths through the
-//!   local references, so a pin with only its roots already protects the whole installed
-//!   closure; paths not yet installed are fetched after gc, under the shared lock.
+//! - The runtime holds the shared lock from before it materialises a container's closure until
+//!   it has written the container's pin, once, with the full closure (`runtime.rs`): gc either
+//!   ran before (and the start fetches again what gc removed) or runs after the pin exists.
+//!   gc expands every live pin's paths through the local references as well.
 //! - A pin is live unless its container is known to be gone *and* the pin is older than a
 //!   grace period ([`run::GcOptions::pin_grace`], 10 minutes): between the pin and `runc
 //!   create` the container does not exist yet. Probing runs before the exclusive phase (it

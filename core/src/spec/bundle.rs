@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde_json::Value;
 
-use crate::environment::atomic;
+use crate::atomic;
 
 /// The file name of the runtime spec in a bundle.
 pub const CONFIG_JSON: &str = "config.json";

@@ -75,7 +75,6 @@ pub use resolve::Resolver;
 pub use schedule::Schedule;
 
 use crate::config::{Config, StoreDurability};
-use crate::fetch::http::HttpFetcher;
 use crate::fetch::pace::{Pace, Paced, TooSlow};
 use crate::fetch::retry::RetryPolicy;
 use crate::fetch::{Fetch, FetchError};
@@ -98,24 +97,19 @@ const MAX_WAITING: usize = 8192;
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Materialises the closure of `roots` into the store under `cfg.state_dir`, fetching
-/// missing paths from `cfg.substituters`; returns the closure (sorted, with references).
-pub async fn materialise<P: Progress>(
+/// missing paths from `cfg.substituters` over `fetch`; returns the closure (sorted, with
+/// references). The caller holds the shared gc lock ([`crate::gc::GcLock::shared`]) from
+/// before this call until the closure is rooted (see `crate::gc`).
+pub async fn materialise<F: Fetch, P: Progress>(
     cfg: &Config,
+    fetch: F,
     roots: &[StorePath],
     progress: &P,
 ) -> Result<Closure, SubstituteError> {
     let store = open_store(cfg)?;
-    // Hold gc off from the validity checks until the closure is touched (see `crate::gc`).
-    let _gc = crate::gc::GcLock::shared_async(&cfg.state_dir)
-        .await
-        .map_err(|source| SubstituteError::OpenStore {
-            state_dir: cfg.state_dir.clone(),
-            source: Box::new(source),
-        })?;
     let closure = match local_closure(&store, roots)? {
         Some(c) => c,
         None => {
-            let fetch = HttpFetcher::new(cfg)?;
             Substituter::new(cfg, fetch, Arc::new(store.clone()))?
                 .materialise(roots, progress)
                 .await?

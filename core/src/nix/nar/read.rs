@@ -1,24 +1,12 @@
-//! NAR (Nix ARchive): a streaming reader with strict validation, and a writer.
-//!
-//! Format: every token is a string, written as its length (u64 little endian),
-//! its bytes, and zero padding to a multiple of 8:
-//!
-//! ```text
-//! nar   = "nix-archive-1" node
-//! node  = "(" "type" ( "regular" [ "executable" "" ] "contents" BYTES
-//!                    | "symlink" "target" STRING
-//!                    | "directory" { "entry" "(" "name" STRING "node" node ")" } ) ")"
-//! ```
-//!
-//! [`parse`] walks the archive and calls a [`NarVisitor`]; file contents are
-//! handed to the visitor as a reader, never buffered whole. Everything here
-//! works on `std::io::Read`/`Write` and touches no file system.
+//! Reading a NAR: [`parse`] streams an archive into a [`NarVisitor`], validating names, order,
+//! padding and [`NarLimits`] as it goes; [`read_tree`] builds a [`NarNode`] from it.
 
-use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 
-/// The magic string a NAR starts with.
-pub const MAGIC: &str = "nix-archive-1";
+use super::{
+    show, NarNode, NarPath, CLOSE, CONTENTS, DIRECTORY, ENTRY, EXECUTABLE, MAGIC, NAME, NODE, OPEN,
+    REGULAR, SYMLINK, TARGET, TYPE,
+};
 
 /// Limits enforced while reading a NAR.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,83 +32,6 @@ impl Default for NarLimits {
             max_total_size: 256 << 30,
             max_entries: 10_000_000,
         }
-    }
-}
-
-/// A path inside a NAR: the entry names from the root. Shown as `/a/b`
-/// (the root as `/`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NarPath(Vec<Vec<u8>>);
-
-impl NarPath {
-    /// The root.
-    pub fn root() -> Self {
-        NarPath(Vec::new())
-    }
-    /// The entry names from the root.
-    pub fn components(&self) -> &[Vec<u8>] {
-        &self.0
-    }
-    /// The last entry name (`None` for the root).
-    pub fn name(&self) -> Option<&[u8]> {
-        self.0.last().map(|v| v.as_slice())
-    }
-    /// Number of components (0 for the root).
-    pub fn depth(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_root(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// The path relative to the root (empty for the root).
-    pub fn to_relative_path(&self) -> std::path::PathBuf {
-        use std::os::unix::ffi::OsStrExt as _;
-        self.0
-            .iter()
-            .map(|c| std::ffi::OsStr::from_bytes(c))
-            .collect()
-    }
-    fn push(&mut self, name: Vec<u8>) {
-        self.0.push(name);
-    }
-    fn pop(&mut self) {
-        self.0.pop();
-    }
-}
-
-impl fmt::Display for NarPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            return f.write_str("/");
-        }
-        for c in &self.0 {
-            write!(f, "/{}", printable(&String::from_utf8_lossy(c)))?;
-        }
-        Ok(())
-    }
-}
-
-/// `s` with control characters escaped (`\n`, `\u{1b}`), so that a hostile entry name
-/// cannot split an error message over several lines.
-fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn show(bytes: &[u8]) -> String {
-    let s = printable(&String::from_utf8_lossy(bytes));
-    if s.chars().count() > 64 {
-        let cut: String = s.chars().take(64).collect();
-        format!("{cut}…")
-    } else {
-        s
     }
 }
 
@@ -389,24 +300,24 @@ impl<R: Read> Parser<'_, R> {
     /// anything else is read through its closing `)`.
     fn node<V: NarVisitor>(&mut self, v: &mut V) -> Result<bool, V::Error> {
         let path = &self.path;
-        self.input.expect("(", path)?;
-        self.input.expect("type", path)?;
+        self.input.expect(OPEN, path)?;
+        self.input.expect(TYPE, path)?;
         let ty = self.input.token(path, "regular, symlink or directory")?;
         self.count_entry()?;
         let path = &self.path;
         match ty.as_slice() {
-            b"regular" => {
-                let mut tok = self.input.token(path, "contents")?;
+            t if t == REGULAR.as_bytes() => {
+                let mut tok = self.input.token(path, CONTENTS)?;
                 let mut executable = false;
-                if tok == b"executable" {
+                if tok == EXECUTABLE.as_bytes() {
                     self.input.expect("", path)?;
                     executable = true;
-                    tok = self.input.token(path, "contents")?;
+                    tok = self.input.token(path, CONTENTS)?;
                 }
-                if tok != b"contents" {
+                if tok != CONTENTS.as_bytes() {
                     return Err(NarError::UnexpectedToken {
                         path: path.clone(),
-                        expected: "contents",
+                        expected: CONTENTS,
                         found: show(&tok),
                     }
                     .into());
@@ -432,13 +343,13 @@ impl<R: Read> Parser<'_, R> {
                 r?;
                 io::copy(&mut c, &mut io::sink()).map_err(|e| read_err(path, e))?;
                 self.input.padding(size, path)?;
-                self.input.expect(")", path)?;
+                self.input.expect(CLOSE, path)?;
                 self.stats.files += 1;
                 self.stats.file_bytes += size;
                 Ok(false)
             }
-            b"symlink" => {
-                self.input.expect("target", path)?;
+            t if t == SYMLINK.as_bytes() => {
+                self.input.expect(TARGET, path)?;
                 let max = self.limits.max_target_len as u64;
                 let target =
                     self.input
@@ -458,11 +369,11 @@ impl<R: Read> Parser<'_, R> {
                     return Err(bad("contains NUL").into());
                 }
                 v.symlink(path, &target)?;
-                self.input.expect(")", path)?;
+                self.input.expect(CLOSE, path)?;
                 self.stats.symlinks += 1;
                 Ok(false)
             }
-            b"directory" => {
+            t if t == DIRECTORY.as_bytes() => {
                 v.directory(path)?;
                 self.prev.push(None);
                 self.stats.directories += 1;
@@ -478,8 +389,8 @@ impl<R: Read> Parser<'_, R> {
 
     fn entry_name(&mut self) -> Result<Vec<u8>, NarError> {
         let path = &self.path;
-        self.input.expect("(", path)?;
-        self.input.expect("name", path)?;
+        self.input.expect(OPEN, path)?;
+        self.input.expect(NAME, path)?;
         let name = self
             .input
             .string(self.limits.max_name_len as u64, path)?
@@ -515,7 +426,7 @@ impl<R: Read> Parser<'_, R> {
                 max: self.limits.max_depth,
             });
         }
-        self.input.expect("node", path)?;
+        self.input.expect(NODE, path)?;
         Ok(name)
     }
 
@@ -532,20 +443,20 @@ impl<R: Read> Parser<'_, R> {
         while !self.prev.is_empty() {
             let tok = self.input.token(&self.path, "entry or )")?;
             match tok.as_slice() {
-                b")" => {
+                t if t == CLOSE.as_bytes() => {
                     v.end_directory(&self.path)?;
                     self.prev.pop();
                     if !self.prev.is_empty() {
                         self.path.pop();
-                        self.input.expect(")", &self.path)?;
+                        self.input.expect(CLOSE, &self.path)?;
                     }
                 }
-                b"entry" => {
+                t if t == ENTRY.as_bytes() => {
                     let name = self.entry_name()?;
                     self.path.push(name);
                     if !self.node(v)? {
                         self.path.pop();
-                        self.input.expect(")", &self.path)?;
+                        self.input.expect(CLOSE, &self.path)?;
                     }
                 }
                 other => {
@@ -596,98 +507,10 @@ pub fn parse<R: Read, V: NarVisitor>(
     Ok(p.stats)
 }
 
-/// A NAR held in memory, for tests and tools. [`write()`] emits directory
-/// entries in the order given (so tests can build invalid archives).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NarNode {
-    File { executable: bool, contents: Vec<u8> },
-    Symlink { target: Vec<u8> },
-    Directory(Vec<(Vec<u8>, NarNode)>),
-}
-
-impl NarNode {
-    pub fn file(contents: impl Into<Vec<u8>>) -> Self {
-        NarNode::File {
-            executable: false,
-            contents: contents.into(),
-        }
-    }
-    pub fn executable(contents: impl Into<Vec<u8>>) -> Self {
-        NarNode::File {
-            executable: true,
-            contents: contents.into(),
-        }
-    }
-    pub fn symlink(target: impl Into<Vec<u8>>) -> Self {
-        NarNode::Symlink {
-            target: target.into(),
-        }
-    }
-    pub fn dir<N: Into<Vec<u8>>>(entries: impl IntoIterator<Item = (N, NarNode)>) -> Self {
-        NarNode::Directory(entries.into_iter().map(|(n, e)| (n.into(), e)).collect())
-    }
-    /// The serialised archive.
-    pub fn to_nar(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        write(&mut v, self).expect("writing to a Vec cannot fail");
-        v
-    }
-}
-
-/// Writes one NAR string: length, bytes, zero padding.
-pub fn write_string<W: Write>(w: &mut W, s: &[u8]) -> io::Result<()> {
-    w.write_all(&(s.len() as u64).to_le_bytes())?;
-    w.write_all(s)?;
-    w.write_all(&[0u8; 8][..(8 - s.len() % 8) % 8])
-}
-
-/// Writes `node` as a complete NAR (magic included).
-pub fn write<W: Write>(w: &mut W, node: &NarNode) -> io::Result<()> {
-    write_string(w, MAGIC.as_bytes())?;
-    write_node(w, node)
-}
-
-fn write_node<W: Write>(w: &mut W, node: &NarNode) -> io::Result<()> {
-    write_string(w, b"(")?;
-    write_string(w, b"type")?;
-    match node {
-        NarNode::File {
-            executable,
-            contents,
-        } => {
-            write_string(w, b"regular")?;
-            if *executable {
-                write_string(w, b"executable")?;
-                write_string(w, b"")?;
-            }
-            write_string(w, b"contents")?;
-            write_string(w, contents)?;
-        }
-        NarNode::Symlink { target } => {
-            write_string(w, b"symlink")?;
-            write_string(w, b"target")?;
-            write_string(w, target)?;
-        }
-        NarNode::Directory(entries) => {
-            write_string(w, b"directory")?;
-            for (name, child) in entries {
-                write_string(w, b"entry")?;
-                write_string(w, b"(")?;
-                write_string(w, b"name")?;
-                write_string(w, name)?;
-                write_string(w, b"node")?;
-                write_node(w, child)?;
-                write_string(w, b")")?;
-            }
-        }
-    }
-    write_string(w, b")")
-}
-
 /// A visitor that builds the [`NarNode`] tree (buffers file contents: for
 /// tests and small archives only).
 #[derive(Default)]
-struct TreeBuilder {
+pub(super) struct TreeBuilder {
     stack: Vec<Vec<(Vec<u8>, NarNode)>>,
     root: Option<NarNode>,
 }
@@ -749,48 +572,9 @@ pub fn read_tree<R: Read>(reader: R, limits: &NarLimits) -> Result<NarNode, NarE
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::sample;
+    use super::super::write_string;
     use super::*;
-
-    fn sample() -> NarNode {
-        NarNode::dir([
-            (
-                "bin",
-                NarNode::dir([
-                    (
-                        "hello",
-                        NarNode::executable(b"#!/bin/sh\necho hi\n".to_vec()),
-                    ),
-                    ("hi", NarNode::symlink("hello")),
-                ]),
-            ),
-            ("empty", NarNode::dir(Vec::<(&str, NarNode)>::new())),
-            (
-                "share",
-                NarNode::dir([("data", NarNode::file(vec![0u8; 13]))]),
-            ),
-        ])
-    }
-
-    #[test]
-    fn round_trip() {
-        let t = sample();
-        let nar = t.to_nar();
-        let back = read_tree(&nar[..], &NarLimits::default()).unwrap();
-        assert_eq!(back, t);
-        assert_eq!(back.to_nar(), nar);
-        let mut b = TreeBuilder::default();
-        let stats = parse(&nar[..], &mut b, &NarLimits::default()).unwrap();
-        assert_eq!(
-            stats,
-            NarStats {
-                files: 2,
-                directories: 4,
-                symlinks: 1,
-                file_bytes: 31,
-                nar_size: nar.len() as u64
-            }
-        );
-    }
 
     #[test]
     fn single_file_and_symlink_roots() {
@@ -1133,5 +917,47 @@ mod tests {
         assert_eq!(e.to_string(), "invalid NAR at /f: truncated");
         let e = read_tree(&nar[..500], &NarLimits::default()).unwrap_err();
         assert_eq!(e.to_string(), "invalid NAR at /f: truncated");
+    }
+
+    #[test]
+    fn reads_what_nix_wrote() {
+        // Archives made by `nix-store --dump` (core/tests/data/README.md).
+        for (nar, files, directories, symlinks) in [
+            (
+                &include_bytes!("../../../tests/data/golden-tree.nar")[..],
+                7,
+                7,
+                3,
+            ),
+            (
+                &include_bytes!("../../../tests/data/golden-ref.nar")[..],
+                1,
+                1,
+                1,
+            ),
+            (
+                &include_bytes!("../../../tests/data/single-file.nar")[..],
+                1,
+                0,
+                0,
+            ),
+            (
+                &include_bytes!("../../../tests/data/single-symlink.nar")[..],
+                0,
+                0,
+                1,
+            ),
+        ] {
+            let stats = parse(nar, &mut TreeBuilder::default(), &NarLimits::default()).unwrap();
+            assert_eq!(
+                (
+                    stats.files,
+                    stats.directories,
+                    stats.symlinks,
+                    stats.nar_size
+                ),
+                (files, directories, symlinks, nar.len() as u64)
+            );
+        }
     }
 }
