@@ -10,11 +10,13 @@
 //! - [`spec`] — the OCI runtime spec rewrite;
 //! - [`pin`] — GC roots held by running containers;
 //! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
-//! - [`runtime`] — the one call the shim, the runc wrapper and the hook make.
+//! - [`runtime`] — the one call the shim, the runc wrapper and the hook make;
+//! - [`failure`] — the kind of a [`runtime::RuntimeError`] (not found, invalid, unavailable).
 
 pub mod config;
 pub mod doctor;
 pub mod environment;
+pub mod failure;
 pub mod fetch;
 pub mod gc;
 pub mod nix;

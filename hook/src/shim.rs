@@ -318,6 +318,7 @@ mod tests {
                 reference: "acme/echoserver".into(),
                 generation: None,
                 closure: vec!["/nix/store/a".into()],
+                env: Vec::new(),
             })),
             ..Fake::default()
         };
@@ -375,6 +376,7 @@ mod tests {
                 reference: "acme/echoserver".into(),
                 generation: Some(2),
                 closure: vec!["/nix/store/a".into(), "/nix/store/b".into()],
+                env: Vec::new(),
             })),
             ..Fake::default()
         };

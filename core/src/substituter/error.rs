@@ -71,6 +71,13 @@ pub enum SubstituteError {
         cache: Box<Url>,
         message: String,
     },
+    /// The cache did not answer its `nix-cache-info` (refused, reset, timed out, 5xx).
+    #[error("{path}: substituter {cache}: {message}")]
+    Unreachable {
+        path: StorePath,
+        cache: Box<Url>,
+        message: String,
+    },
     #[error("{path}: NAR URL {url:?} of substituter {cache} {source}")]
     NarUrl {
         path: StorePath,
@@ -189,6 +196,7 @@ impl SubstituteError {
             | NoSpace { path, .. }
             | NoSubstituters { path }
             | BadCache { path, .. }
+            | Unreachable { path, .. }
             | NarUrl { path, .. }
             | BadNarInfo { path, .. }
             | WrongNarInfo { path, .. }

@@ -27,7 +27,16 @@ struct Cache {
     /// Base URL, with a trailing slash so that `join` appends.
     url: Url,
     /// Result of checking `nix-cache-info`, once.
-    checked: OnceCell<Result<(), String>>,
+    checked: OnceCell<Result<(), CacheProblem>>,
+}
+
+/// Why a cache's `nix-cache-info` check failed.
+#[derive(Debug, Clone)]
+enum CacheProblem {
+    /// It did not answer (a retryable transport failure or status): the cache is down.
+    Unreachable(String),
+    /// It answered something unusable.
+    Bad(String),
 }
 
 /// The configured caches and keys, and how to ask them.
@@ -103,14 +112,14 @@ impl Resolver {
 
     /// Checks a cache's `nix-cache-info` once: its `StoreDir` must be `/nix/store`. A cache
     /// without the file is accepted (its narinfos name their paths anyway).
-    async fn check_cache<F: Fetch>(&self, fetch: &F, cache: &Cache) -> Result<(), String> {
+    async fn check_cache<F: Fetch>(&self, fetch: &F, cache: &Cache) -> Result<(), CacheProblem> {
         cache
             .checked
             .get_or_init(|| async {
                 let url = cache
                     .url
                     .join("nix-cache-info")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| CacheProblem::Bad(e.to_string()))?;
                 let got = self
                     .retry
                     .run(
@@ -121,13 +130,18 @@ impl Resolver {
                 let text = match got {
                     Ok(b) => String::from_utf8_lossy(&b).into_owned(),
                     Err(FetchError::NotFound { .. }) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) if e.is_retryable() => {
+                        return Err(CacheProblem::Unreachable(e.to_string()))
+                    }
+                    Err(e) => return Err(CacheProblem::Bad(e.to_string())),
                 };
                 for line in text.lines() {
                     if let Some(dir) = line.strip_prefix("StoreDir:") {
                         let dir = dir.trim();
                         if dir != STORE_DIR {
-                            return Err(format!("store directory is {dir}, not {STORE_DIR}"));
+                            return Err(CacheProblem::Bad(format!(
+                                "store directory is {dir}, not {STORE_DIR}"
+                            )));
                         }
                     }
                 }
@@ -153,10 +167,17 @@ impl Resolver {
         for cache in &self.caches {
             self.check_cache(fetch, cache)
                 .await
-                .map_err(|message| SubstituteError::BadCache {
-                    path: path.clone(),
-                    cache: Box::new(cache.url.clone()),
-                    message,
+                .map_err(|problem| match problem {
+                    CacheProblem::Unreachable(message) => SubstituteError::Unreachable {
+                        path: path.clone(),
+                        cache: Box::new(cache.url.clone()),
+                        message,
+                    },
+                    CacheProblem::Bad(message) => SubstituteError::BadCache {
+                        path: path.clone(),
+                        cache: Box::new(cache.url.clone()),
+                        message,
+                    },
                 })?;
             let url = cache
                 .url
