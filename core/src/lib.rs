@@ -13,13 +13,15 @@
 //! - [`pin`] — GC roots held by running containers;
 //! - [`doctor`] — `nixenv doctor`'s checks of a node;
 //! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
-//! - [`runtime`] — the one call the shim, the runc wrapper and the hook make.
+//! - [`runtime`] — the one call the shim, the runc wrapper and the hook make;
+//! - [`failure`] — the kind of a [`runtime::RuntimeError`] (not found, invalid, unavailable).
 
 pub mod annotations;
 pub mod atomic;
 pub mod config;
 pub mod doctor;
 pub mod environment;
+pub mod failure;
 pub mod fetch;
 pub mod finding;
 pub mod gc;

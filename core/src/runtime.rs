@@ -35,7 +35,7 @@ use crate::fetch::{Fetch, Fetcher};
 use crate::gc::GcLock;
 use crate::nix::StorePath;
 use crate::pin::{self, Pin, PinError};
-use crate::spec::{self, BundleConfig, BundleError};
+use crate::spec::{self, BundleConfig, BundleError, EnvChange};
 use crate::store::{Closure, StoreError};
 use crate::substituter::{self, NoProgress, SubstituteError};
 
@@ -59,6 +59,9 @@ pub struct Prepared {
     pub generation: Option<u64>,
     /// The closure, as absolute `/nix/store/…` paths, sorted.
     pub closure: Vec<String>,
+    /// What the rewrite changed in the process environment (PATH, the lock's env,
+    /// `NIXENV_*`), in the spec's order.
+    pub env: Vec<EnvChange>,
 }
 
 /// Why a container could not be prepared. `Display` is the one-line error users see
@@ -223,22 +226,27 @@ struct Ready<'a> {
 }
 
 impl Ready<'_> {
-    /// The container is prepared: keep its pin.
-    fn keep(self) -> Prepared {
-        let prepared = self.prepared();
+    /// The container is prepared, its spec changed `env`: keep its pin.
+    fn keep(self, env: Vec<EnvChange>) -> Prepared {
+        let prepared = Prepared {
+            reference: self.annotated.clone(),
+            generation: self.resolved.generation,
+            closure: self.closure.iter().map(|p| p.to_absolute_path()).collect(),
+            env,
+        };
         self.guard.keep();
         prepared
     }
 
-    fn prepared(&self) -> Prepared {
-        Prepared {
-            reference: self.annotated.clone(),
-            generation: self.resolved.generation,
-            closure: self.closure.iter().map(|p| p.to_absolute_path()).collect(),
-        }
-    }
-
-    fn rewrite(&self, cfg: &Config, spec: &mut Spec) {
+    /// Rewrites `spec`; returns what changed in its process environment.
+    fn rewrite(&self, cfg: &Config, spec: &mut Spec) -> Vec<EnvChange> {
+        let process_env = |spec: &Spec| {
+            spec.process()
+                .as_ref()
+                .and_then(|p| p.env().clone())
+                .unwrap_or_default()
+        };
+        let before = process_env(spec);
         let store_dir = cfg.store_dir();
         let env = spec::Environment {
             reference: &self.annotated,
@@ -248,6 +256,7 @@ impl Ready<'_> {
             closure: &self.closure,
         };
         spec::rewrite(spec, &env, &store_dir, |p| store_has_bin(&store_dir, p));
+        spec::env_changes(&before, &process_env(spec))
     }
 }
 
@@ -397,8 +406,8 @@ async fn prepare_spec_via<F: Fetch, M: Materialise>(
     };
     let (fetch, materialiser) = edges().map_err(edges_err(annotated))?;
     let ready = make_ready(cfg, &fetch, &materialiser, container_id, annotated, owner).await?;
-    ready.rewrite(cfg, spec);
-    Ok(Decision::Rewritten(ready.keep()))
+    let env = ready.rewrite(cfg, spec);
+    Ok(Decision::Rewritten(ready.keep(env)))
 }
 
 /// [`prepare_bundle`] with the edges `edges` builds (called once, and only for nixenv's
@@ -429,10 +438,10 @@ async fn prepare_bundle_via<F: Fetch, M: Materialise>(
         owner.bundle = Some(std::path::absolute(bundle).unwrap_or_else(|_| bundle.to_owned()));
     }
     let ready = make_ready(cfg, &fetch, &materialiser, container_id, annotated, &owner).await?;
-    ready.rewrite(cfg, &mut spec);
+    let env = ready.rewrite(cfg, &mut spec);
     // On failure `ready` is dropped, which removes the pin.
     config.write_rewritten(&spec).map_err(bundle_err)?;
-    Ok(Decision::Rewritten(ready.keep()))
+    Ok(Decision::Rewritten(ready.keep(env)))
 }
 
 /// Drops the pin of `container_id` (idempotent).
@@ -617,6 +626,25 @@ mod tests {
                 reference: "acme/app".into(),
                 generation: Some(3),
                 closure: vec![B.to_string(), A.to_string()],
+                env: [
+                    (
+                        "PATH",
+                        Some("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                        format!(
+                            "{A}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                        ),
+                    ),
+                    ("G", None, "3".into()),
+                    ("NIXENV_ENVIRONMENT", None, "acme/app".into()),
+                    ("NIXENV_GENERATION", None, "3".into()),
+                ]
+                .into_iter()
+                .map(|(name, before, after)| EnvChange {
+                    name: name.into(),
+                    before: before.map(Into::into),
+                    after,
+                })
+                .collect(),
             })
         );
         let env = s.process().as_ref().unwrap().env().clone().unwrap();

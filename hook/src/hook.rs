@@ -242,6 +242,7 @@ mod tests {
                         reference: "acme/echoserver".into(),
                         generation: Some(1),
                         closure: c.clone(),
+                        env: Vec::new(),
                     }))
                 }
             }

@@ -7,7 +7,8 @@
 //! - [`exec`]: finding and starting the real runc (the process edge);
 //! - [`wrapper`]: the nixenv-runc flow;
 //! - [`hook`]: the hook stages;
-//! - [`shim`]: the containerd shim's preparing process (`shim-prepare`, `shim-release`, `shim-config`);
+//! - [`shim`]: the containerd shim's preparing process (`shim-prepare`, `shim-release`, `shim-config`;
+//!   the `nixenv-shim-protocol` crate, failures sent with their kind);
 //! - [`prestart`]: mounting a closure into a container's mount namespace (the syscall edge);
 //! - [`node`]: the core library on this node.
 

@@ -14,7 +14,10 @@
 //!
 //! Standard output is exactly one JSON [`Reply`] line, also on failure; logs go to standard
 //! error, which the shim points at its own log. The exit code is 0 when the reply is not
-//! [`Reply::Failed`], 1 when it is, and 2 for a malformed command line.
+//! [`Reply::Failed`], 1 when it is, and 2 for a malformed command line. The stage names, the
+//! flags and the reply are the `nixenv-shim-protocol` crate's, which the shim links too. A
+//! failure carries its [`FailureKind`] ([`Classify`], from `RuntimeError::kind`); a rewrite
+//! carries the environment changes it made.
 //!
 //! On SIGTERM or SIGINT (the shim shutting down, or dying: the shim sets `PR_SET_PDEATHSIG`),
 //! a preparation is abandoned the way a failed one is: its pin is removed and nothing
@@ -24,52 +27,14 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 
+use nixenv_core::failure;
 use nixenv_core::runtime::Decision;
-use serde::{Deserialize, Serialize};
+pub use nixenv_shim_protocol::{
+    EnvChange, FailureKind, Reply, BUNDLE_FLAG, CONFIG_STAGE, ID_FLAG, NAMESPACE_FLAG,
+    PREPARE_STAGE, RELEASE_STAGE, RUNTIME_ROOT_FLAG,
+};
 
-/// The stage that prepares a bundle.
-pub const PREPARE_STAGE: &str = "shim-prepare";
-/// The stage that drops a container's pin.
-pub const RELEASE_STAGE: &str = "shim-release";
-/// The stage that says which runc the configuration names.
-pub const CONFIG_STAGE: &str = "shim-config";
-
-/// The one line written on standard output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "kebab-case")]
-pub enum Reply {
-    /// Not nixenv's container: config.json is untouched.
-    PassThrough {
-        /// The configured runc (`runc` in the config), if any.
-        runc: Option<PathBuf>,
-    },
-    /// config.json now mounts the closure, which is pinned for the container.
-    Rewritten {
-        /// The reference as annotated.
-        reference: String,
-        /// The catalog generation it resolved to, if any.
-        generation: Option<u64>,
-        /// How many store paths the closure has.
-        paths: usize,
-        /// The configured runc, if any.
-        runc: Option<PathBuf>,
-    },
-    /// The container's pin is gone (or never was).
-    Released {
-        /// The configured runc, if any.
-        runc: Option<PathBuf>,
-    },
-    /// The configuration names this runc (or none).
-    Configured {
-        /// The configured runc, if any.
-        runc: Option<PathBuf>,
-    },
-    /// Nothing was done; `error` is nixenv's one-line error (without the `nixenv: ` prefix).
-    Failed {
-        /// What went wrong, naming the input.
-        error: String,
-    },
-}
+use crate::node::NodeError;
 
 /// A preparation the shim asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +69,8 @@ pub enum ShimStageError {
 
 /// What the stages need from the core, as a trait so they are testable without a node.
 pub trait ShimCore {
-    /// Error type; its `Display` is the one-line cause.
-    type Error: std::fmt::Display;
+    /// Error type; its `Display` is the one-line cause, its [`Classify::kind`] the kind.
+    type Error: std::fmt::Display + Classify;
     /// Decides, resolves, materialises, pins and rewrites; returns the decision and the
     /// configured runc. Without a usable configuration, a bundle nixenv would not touch passes
     /// through (the shim then runs plain containers only).
@@ -154,28 +119,60 @@ pub fn parse_prepare(args: &[OsString]) -> Result<PrepareRequest, ShimStageError
     let f = flags(
         stage,
         args,
-        &["--id", "--bundle", "--namespace", "--runtime-root"],
+        &[ID_FLAG, BUNDLE_FLAG, NAMESPACE_FLAG, RUNTIME_ROOT_FLAG],
     )?;
     let required =
         |flag: &'static str| take(&f, flag).ok_or(ShimStageError::Required { stage, flag });
     Ok(PrepareRequest {
-        id: required("--id")?.to_string_lossy().into_owned(),
-        bundle: required("--bundle")?.into(),
-        namespace: take(&f, "--namespace").map(|v| v.to_string_lossy().into_owned()),
-        runtime_root: take(&f, "--runtime-root").map(PathBuf::from),
+        id: required(ID_FLAG)?.to_string_lossy().into_owned(),
+        bundle: required(BUNDLE_FLAG)?.into(),
+        namespace: take(&f, NAMESPACE_FLAG).map(|v| v.to_string_lossy().into_owned()),
+        runtime_root: take(&f, RUNTIME_ROOT_FLAG).map(PathBuf::from),
     })
 }
 
 /// Parses `shim-release`'s and `shim-config`'s arguments (after the stage name): the
 /// container id.
 pub fn parse_id(stage: &'static str, args: &[OsString]) -> Result<String, ShimStageError> {
-    let f = flags(stage, args, &["--id"])?;
-    take(&f, "--id")
+    let f = flags(stage, args, &[ID_FLAG])?;
+    take(&f, ID_FLAG)
         .map(|v| v.to_string_lossy().into_owned())
         .ok_or(ShimStageError::Required {
             stage,
-            flag: "--id",
+            flag: ID_FLAG,
         })
+}
+
+/// What kind of failure an error is, sent beside its message.
+pub trait Classify {
+    /// The kind.
+    fn kind(&self) -> FailureKind;
+}
+
+impl Classify for NodeError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            NodeError::Runtime(e) => match e.kind() {
+                failure::FailureKind::Unavailable => FailureKind::Unavailable,
+                failure::FailureKind::NotFound => FailureKind::NotFound,
+                failure::FailureKind::Invalid => FailureKind::Invalid,
+                failure::FailureKind::Internal => FailureKind::Internal,
+            },
+            // Abandoned on SIGTERM: the shim is going away and reads no reply.
+            NodeError::Cancelled { .. }
+            | NodeError::Config(_)
+            | NodeError::Tokio(_)
+            | NodeError::Signal { .. } => FailureKind::Internal,
+        }
+    }
+}
+
+/// The reply for a failure.
+fn failed<E: std::fmt::Display + Classify>(e: &E) -> Reply {
+    Reply::Failed {
+        kind: e.kind(),
+        error: e.to_string(),
+    }
 }
 
 /// Runs a preparation and says how it went.
@@ -189,11 +186,21 @@ pub fn prepare<C: ShimCore>(core: &mut C, req: &PrepareRequest) -> Reply {
                 generation: p.generation,
                 paths: p.closure.len(),
                 runc,
+                env: p
+                    .env
+                    .into_iter()
+                    .map(|c| EnvChange {
+                        name: c.name,
+                        before: c.before,
+                        after: c.after,
+                    })
+                    .collect(),
             }
         }
-        Err(e) => Reply::Failed {
-            error: e.to_string(),
-        },
+        Err(e) => {
+            tracing::warn!(container = %req.id, kind = ?e.kind(), error = %e, "preparation failed");
+            failed(&e)
+        }
     }
 }
 
@@ -201,9 +208,7 @@ pub fn prepare<C: ShimCore>(core: &mut C, req: &PrepareRequest) -> Reply {
 pub fn release<C: ShimCore>(core: &mut C, id: &str) -> Reply {
     match core.release(id) {
         Ok(runc) => Reply::Released { runc },
-        Err(e) => Reply::Failed {
-            error: e.to_string(),
-        },
+        Err(e) => failed(&e),
     }
 }
 
@@ -211,9 +216,7 @@ pub fn release<C: ShimCore>(core: &mut C, id: &str) -> Reply {
 pub fn config<C: ShimCore>(core: &mut C) -> Reply {
     match core.configured_runc() {
         Ok(runc) => Reply::Configured { runc },
-        Err(e) => Reply::Failed {
-            error: e.to_string(),
-        },
+        Err(e) => failed(&e),
     }
 }
 
@@ -241,8 +244,10 @@ pub fn main<C: ShimCore, W: Write>(
     let (reply, code) = match parsed {
         Ok(reply @ Reply::Failed { .. }) => (reply, 1),
         Ok(reply) => (reply, 0),
+        // The shim's own mistake: internal.
         Err(e) => (
             Reply::Failed {
+                kind: FailureKind::Internal,
                 error: e.to_string(),
             },
             2,
@@ -268,6 +273,13 @@ mod tests {
 
     fn os(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()
+    }
+
+    /// The fake's errors are text: internal.
+    impl Classify for String {
+        fn kind(&self) -> FailureKind {
+            FailureKind::Internal
+        }
     }
 
     #[derive(Default)]
@@ -318,6 +330,7 @@ mod tests {
                 reference: "acme/echoserver".into(),
                 generation: None,
                 closure: vec!["/nix/store/a".into()],
+                env: Vec::new(),
             })),
             ..Fake::default()
         };
@@ -375,6 +388,7 @@ mod tests {
                 reference: "acme/echoserver".into(),
                 generation: Some(2),
                 closure: vec!["/nix/store/a".into(), "/nix/store/b".into()],
+                env: Vec::new(),
             })),
             ..Fake::default()
         };
@@ -386,6 +400,7 @@ mod tests {
                 generation: Some(2),
                 paths: 2,
                 runc: Some("/opt/runc".into()),
+                env: Vec::new(),
             }
         );
         assert_eq!(core.asked, vec![req.clone()]);
@@ -402,6 +417,7 @@ mod tests {
         assert_eq!(
             prepare(&mut failing, &req),
             Reply::Failed {
+                kind: FailureKind::Internal,
                 error: "acme/nope: no such environment in catalog".into()
             }
         );
@@ -430,5 +446,60 @@ mod tests {
             0
         );
         assert_eq!(core.released, vec!["c1".to_owned()]);
+    }
+
+    #[test]
+    fn a_runtime_failure_is_sent_with_its_kind() {
+        let bad = "Acme/echo server"
+            .parse::<nixenv_core::environment::Reference>()
+            .unwrap_err();
+        let e = NodeError::Runtime(nixenv_core::runtime::RuntimeError::Reference(bad));
+        let reply = failed(&e);
+        assert_eq!(
+            reply,
+            Reply::Failed {
+                kind: FailureKind::Invalid,
+                error: e.to_string(),
+            }
+        );
+        let line = serde_json::to_string(&reply).unwrap();
+        assert!(
+            line.starts_with(r#"{"result":"failed","kind":"invalid","error":"invalid environment reference \"Acme/echo server\""#),
+            "{line}"
+        );
+        let cancelled = NodeError::Cancelled {
+            container: "c1".into(),
+            signal: "SIGTERM",
+        };
+        assert_eq!(cancelled.kind(), FailureKind::Internal);
+    }
+
+    #[test]
+    fn a_rewrite_reports_the_env_it_changed() {
+        let req = parse_prepare(&os(&["--id", "c1", "--bundle", "/b"])).unwrap();
+        let mut core = Fake {
+            decision: Some(Decision::Rewritten(Prepared {
+                reference: "acme/echoserver".into(),
+                generation: None,
+                closure: vec!["/nix/store/a".into()],
+                env: vec![nixenv_core::spec::EnvChange {
+                    name: "PATH".into(),
+                    before: None,
+                    after: "/nix/store/a/bin".into(),
+                }],
+            })),
+            ..Fake::default()
+        };
+        let Reply::Rewritten { env, .. } = prepare(&mut core, &req) else {
+            panic!("not rewritten")
+        };
+        assert_eq!(
+            env,
+            vec![EnvChange {
+                name: "PATH".into(),
+                before: None,
+                after: "/nix/store/a/bin".into(),
+            }]
+        );
     }
 }

@@ -20,8 +20,10 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, Task};
 
 use crate::events::{timestamp, Events};
-use crate::helper::{Direct, Helper};
+use crate::helper::Helper;
+use crate::reaper::{Direct, Reaped};
 use crate::service::Service;
+use crate::task::Tasks;
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_NAME: &str = "io.containerd.nixenv.v2";
@@ -263,11 +265,13 @@ async fn serve(flags: &Flags) -> Result<(), BootstrapError> {
                 message: e.to_string(),
             })?;
     let exit = Arc::new(ExitSignal::default());
-    let service = Service::new(
+    let service = Service::new(Tasks::new(
         &flags.namespace,
+        Helper::beside_self(Reaped),
+        Reaped,
         Events::new(Some(publisher), &flags.namespace),
         exit.clone(),
-    );
+    ));
     let path = socket_path(&flags.socket).to_owned();
     if let Some(parent) = Path::new(&path).parent() {
         std::fs::create_dir_all(parent).map_err(io_err(format!("create {}", parent.display())))?;

@@ -1,18 +1,22 @@
 //! A container of the pod: its bundle, rootfs, runc client, init process and execs, and the
-//! runc calls behind each Task method.
+//! runc calls behind each task method. Which runc runs, and how its exits are waited for, are
+//! the caller's ([`Container::create`]): tests drive it with a shell script as runc.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use containerd_shim::protos::api::CreateTaskRequest;
+use containerd_shim::protos::api::Mount;
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use runc::Runc;
+
+use crate::helper::EnvChange;
 
 use crate::io::{ConsoleSocket, IoError, ProcessIo, RuncStdio, StdioPaths};
 use crate::mount::{self, MountError};
 use crate::process::{Phase, Process};
+use crate::reaper::Wait;
 use crate::runc::{self as runc_client, RuncError, RuntimeOptions};
 
 /// Why a container operation failed.
@@ -63,6 +67,21 @@ pub struct RuntimeContext {
     pub default_runc: Option<PathBuf>,
 }
 
+/// What a Create asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateTask {
+    /// The container id.
+    pub id: String,
+    /// Its OCI bundle.
+    pub bundle: PathBuf,
+    /// The rootfs mounts (none: the bundle's `rootfs` is ready).
+    pub rootfs: Vec<Mount>,
+    /// The init's stdio.
+    pub stdio: StdioPaths,
+    /// containerd's runc options.
+    pub options: RuntimeOptions,
+}
+
 /// A container and its processes.
 pub struct Container {
     pub id: String,
@@ -90,22 +109,13 @@ fn spec_shares_pid_namespace(spec: &serde_json::Value) -> bool {
         })
 }
 
-/// What nixenv's rewrite changed in the init process's environment: containerd builds exec
-/// specs from its own copy of the container spec, so execs get the same changes (unless the
-/// exec sets a variable itself).
+/// What nixenv's rewrite changed in the init process's environment, as the helper reported
+/// it: containerd builds exec specs from its own copy of the container spec, so execs get the
+/// same changes (unless the exec sets a variable itself).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnvOverlay {
-    /// `(name, value before the rewrite, value after)`.
-    pub changes: Vec<(String, Option<String>, String)>,
-}
-
-fn env_map(env: &[String]) -> Vec<(String, String)> {
-    env.iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (kv.clone(), String::new()),
-        })
-        .collect()
+    /// The variables the rewrite set, with their values before and after.
+    pub changes: Vec<EnvChange>,
 }
 
 fn spec_env(bundle_config: &serde_json::Value) -> Vec<String> {
@@ -120,35 +130,15 @@ fn spec_env(bundle_config: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The process env of `<bundle>/config.json`.
-pub fn bundle_env(bundle: &Path) -> Vec<String> {
-    std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .map(|v| spec_env(&v))
-        .unwrap_or_default()
-}
-
 impl EnvOverlay {
-    /// The changes from `before` to `after`.
-    pub fn between(before: &[String], after: &[String]) -> EnvOverlay {
-        let before = env_map(before);
-        let changes = env_map(after)
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let old = before
-                    .iter()
-                    .find(|(bk, _)| *bk == k)
-                    .map(|(_, bv)| bv.clone());
-                (old.as_deref() != Some(v.as_str())).then_some((k, old, v))
-            })
-            .collect();
-        EnvOverlay { changes }
-    }
-
     /// Applies the changes to an exec's env where it still has the original value.
     pub fn apply(&self, env: &mut Vec<String>) {
-        for (k, old, new) in &self.changes {
+        for EnvChange {
+            name: k,
+            before: old,
+            after: new,
+        } in &self.changes
+        {
             let prefix = format!("{k}=");
             match env.iter().position(|kv| kv.starts_with(&prefix)) {
                 Some(i) if old.as_deref() == Some(&env[i][prefix.len()..]) => {
@@ -201,12 +191,7 @@ fn stdio_for(
 }
 
 /// runc's state root for a Create: its `Root` option, else the namespace's default.
-pub fn runc_root(req: &CreateTaskRequest, ctx: &RuntimeContext) -> Result<PathBuf, ContainerError> {
-    let opts = RuntimeOptions::from_any(req.options.as_ref())?;
-    Ok(root_of(&opts, ctx))
-}
-
-fn root_of(opts: &RuntimeOptions, ctx: &RuntimeContext) -> PathBuf {
+pub fn runc_root(opts: &RuntimeOptions, ctx: &RuntimeContext) -> PathBuf {
     opts.root
         .clone()
         .unwrap_or_else(|| runc_client::default_root(&ctx.namespace))
@@ -214,25 +199,22 @@ fn root_of(opts: &RuntimeOptions, ctx: &RuntimeContext) -> PathBuf {
 
 impl Container {
     /// Mounts the rootfs and runs `runc create`; on failure nothing stays mounted or created.
-    pub async fn create(
-        req: &CreateTaskRequest,
+    /// Every runc call's exit comes from `waiter`.
+    pub async fn create<W: Wait>(
+        req: &CreateTask,
         ctx: &RuntimeContext,
+        waiter: W,
     ) -> Result<Container, ContainerError> {
-        let bundle = PathBuf::from(&req.bundle);
-        let opts = RuntimeOptions::from_any(req.options.as_ref())?;
+        let bundle = req.bundle.clone();
+        let opts = &req.options;
         let binary = match (&opts.binary_name, &ctx.default_runc) {
             (Some(name), _) => runc_client::resolve_binary(name)?,
             (None, Some(path)) => runc_client::resolve_binary(&path.to_string_lossy())?,
             (None, None) => runc_client::resolve_binary("runc")?,
         };
-        let root = root_of(&opts, ctx);
-        let runc = runc_client::client(&binary, &root, &bundle, &opts)?;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let root = runc_root(opts, ctx);
+        let runc = runc_client::client(&binary, &root, &bundle, opts, waiter)?;
+        let stdio = req.stdio.clone();
         let rootfs = bundle.join("rootfs");
         mount::mount_all(&req.rootfs, &rootfs).await?;
         let init = Arc::new(Process::new(&req.id, "", stdio.clone(), None));
@@ -610,14 +592,28 @@ mod tests {
 
     #[test]
     fn exec_env_gets_the_rewrite_unless_overridden() {
-        let before = v(&["PATH=/usr/bin:/bin", "A=1", "KEEP=x"]);
         let after = v(&[
             "PATH=/nix/store/e/bin:/usr/bin:/bin",
             "A=1",
             "KEEP=x",
             "ECHO_MESSAGE=hi",
         ]);
-        let overlay = EnvOverlay::between(&before, &after);
+        let change = |name: &str, before: Option<&str>, after: &str| EnvChange {
+            name: name.into(),
+            before: before.map(Into::into),
+            after: after.into(),
+        };
+        // What the helper reports for this rewrite (core's `spec::env_changes`).
+        let overlay = EnvOverlay {
+            changes: vec![
+                change(
+                    "PATH",
+                    Some("/usr/bin:/bin"),
+                    "/nix/store/e/bin:/usr/bin:/bin",
+                ),
+                change("ECHO_MESSAGE", None, "hi"),
+            ],
+        };
         assert_eq!(overlay.changes.len(), 2);
         let mut exec = v(&["PATH=/usr/bin:/bin", "A=1", "KEEP=x"]);
         overlay.apply(&mut exec);

@@ -13,6 +13,11 @@
 //! (The death signal follows the *thread* that spawned the helper: helpers are spawned from
 //! async tasks, which run on the shim's one runtime thread, never from blocking-pool threads,
 //! which exit when idle.)
+//!
+//! The stages, flags and [`Reply`] are the `nixenv-shim-protocol` crate's. A refusal keeps the
+//! helper's [`FailureKind`] ([`HelperError::Refused`]); `crate::error` turns it into a code.
+//! [`Prepare`] is this edge as the task logic sees it: [`Helper`] in the shim, the same
+//! [`Helper`] on a script in tests.
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -20,36 +25,16 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde::Deserialize;
+pub use nixenv_shim_protocol::{EnvChange, FailureKind, Reply, HELPER};
+use nixenv_shim_protocol::{
+    BUNDLE_FLAG, CONFIG_STAGE, ID_FLAG, NAMESPACE_FLAG, PREPARE_STAGE, RELEASE_STAGE,
+    RUNTIME_ROOT_FLAG,
+};
 use tokio::io::AsyncReadExt;
 
-use crate::reaper::{self, Exit};
-
-/// The helper binary's name.
-pub const HELPER: &str = "nixenv-hook";
+use crate::reaper::{Exit, Wait};
 /// Replies longer than this are not read further (one line of JSON is a few hundred bytes).
 const MAX_REPLY: u64 = 64 * 1024;
-
-/// What the helper answered (`Reply` in `hook/src/shim.rs`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "result", rename_all = "kebab-case")]
-pub enum Reply {
-    /// Not nixenv's container: config.json is untouched.
-    PassThrough { runc: Option<PathBuf> },
-    /// config.json mounts the closure, which is pinned for the container.
-    Rewritten {
-        reference: String,
-        generation: Option<u64>,
-        paths: usize,
-        runc: Option<PathBuf>,
-    },
-    /// The pin is gone.
-    Released { runc: Option<PathBuf> },
-    /// The configuration names this runc (or none).
-    Configured { runc: Option<PathBuf> },
-    /// Nothing was done.
-    Failed { error: String },
-}
 
 /// One call of the helper: which container, which stage, which binary (for error messages).
 #[derive(Debug, Clone)]
@@ -68,9 +53,9 @@ impl std::fmt::Display for Call {
 /// Why the helper gave no usable answer, or refused.
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
-    /// The helper's own one-line error (its input and cause).
+    /// The helper's own one-line error (its input and cause), and its kind.
     #[error("{error}")]
-    Refused { error: String },
+    Refused { kind: FailureKind, error: String },
     #[error("{id}: cannot run {helper} (looked next to {beside} and on PATH): {source}")]
     Spawn {
         id: String,
@@ -94,50 +79,6 @@ pub enum HelperError {
     },
     #[error("{call} answered {reply:?}, which is not an answer to it")]
     Unexpected { call: Call, reply: Box<Reply> },
-}
-
-/// Waits for a child's exit: the process edge the helper shares with everything the shim
-/// starts. The serving shim reaps all its children in one place ([`Reaped`]); the `delete`
-/// action and tests wait directly ([`Direct`]).
-pub trait Wait: Send + Sync + 'static {
-    /// The exit of child `pid`.
-    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send;
-}
-
-/// Exits from the shim's reaper.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Reaped;
-
-impl Wait for Reaped {
-    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send {
-        reaper::wait(pid)
-    }
-}
-
-/// `waitpid` on a blocking thread (a process without the reaper).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Direct;
-
-impl Wait for Direct {
-    async fn wait(&self, pid: i32) -> Exit {
-        let status = tokio::task::spawn_blocking(move || loop {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => return other,
-            }
-        })
-        .await;
-        match status {
-            Ok(Ok(status)) => reaper::exit_of(status),
-            _ => None,
-        }
-        .unwrap_or(Exit {
-            pid,
-            code: 255,
-            signal: None,
-            at: std::time::SystemTime::now(),
-        })
-    }
 }
 
 /// What a preparation is for.
@@ -280,37 +221,37 @@ impl<W: Wait + Clone> Helper<W> {
     /// Starts `shim-prepare` for a container.
     pub fn prepare(&self, args: &PrepareArgs<'_>) -> Result<Preparation, HelperError> {
         let argv: Vec<OsString> = vec![
-            "--id".into(),
+            ID_FLAG.into(),
             args.id.into(),
-            "--bundle".into(),
+            BUNDLE_FLAG.into(),
             args.bundle.into(),
-            "--namespace".into(),
+            NAMESPACE_FLAG.into(),
             args.namespace.into(),
-            "--runtime-root".into(),
+            RUNTIME_ROOT_FLAG.into(),
             args.runtime_root.into(),
         ];
-        self.spawn(args.id, "shim-prepare", &argv)
+        self.spawn(args.id, PREPARE_STAGE, &argv)
     }
 
     async fn call(&self, id: &str, stage: &'static str) -> Result<Reply, HelperError> {
-        self.spawn(id, stage, &["--id".into(), id.into()])?
+        self.spawn(id, stage, &[ID_FLAG.into(), id.into()])?
             .reply()
             .await
     }
 
     /// Runs `shim-release` for a container; returns the configured runc.
     pub async fn release(&self, id: &str) -> Result<Option<PathBuf>, HelperError> {
-        match self.call(id, "shim-release").await? {
+        match self.call(id, RELEASE_STAGE).await? {
             Reply::Released { runc } => Ok(runc),
-            other => Err(self.unexpected(id, "shim-release", other)),
+            other => Err(self.unexpected(id, RELEASE_STAGE, other)),
         }
     }
 
     /// Runs `shim-config`: the runc the configuration names, if any.
     pub async fn configured_runc(&self, id: &str) -> Result<Option<PathBuf>, HelperError> {
-        match self.call(id, "shim-config").await? {
+        match self.call(id, CONFIG_STAGE).await? {
             Reply::Configured { runc } => Ok(runc),
-            other => Err(self.unexpected(id, "shim-config", other)),
+            other => Err(self.unexpected(id, CONFIG_STAGE, other)),
         }
     }
 
@@ -345,34 +286,64 @@ fn read_reply(call: Call, out: &[u8], exit: &Exit) -> Result<Reply, HelperError>
         source,
     })?;
     match reply {
-        Reply::Failed { error } => Err(HelperError::Refused { error }),
+        Reply::Failed { kind, error } => Err(HelperError::Refused { kind, error }),
         reply => Ok(reply),
     }
 }
 
+/// The helper as the task logic uses it: start a preparation, drop a pin.
+pub trait Prepare: Send + Sync + 'static {
+    /// Starts `shim-prepare` for a container.
+    fn prepare(&self, args: &PrepareArgs<'_>) -> Result<Preparation, HelperError>;
+    /// Runs `shim-release` for a container; returns the configured runc.
+    fn release(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<PathBuf>, HelperError>> + Send;
+}
+
+impl<W: Wait + Clone> Prepare for Helper<W> {
+    fn prepare(&self, args: &PrepareArgs<'_>) -> Result<Preparation, HelperError> {
+        Helper::prepare(self, args)
+    }
+
+    fn release(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<PathBuf>, HelperError>> + Send {
+        Helper::release(self, id)
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
 
     use super::*;
+    use crate::reaper::Direct;
 
     /// A helper script answering `body` (a shell snippet) and recording its arguments.
     ///
     /// The script is put in place by `install`, a process of its own: had this process held a
     /// writable descriptor of it, a test thread forking at that moment would have inherited
     /// it, and running the script would fail with ETXTBSY until that child execs.
-    fn fake(dir: &Path, body: &str) -> Helper<Direct> {
+    pub(crate) fn fake(dir: &Path, body: &str) -> Helper<Direct> {
         let path = dir.join(HELPER);
-        let source = dir.join("helper-source");
         let script = format!("#!/bin/sh\necho \"$@\" > {}/args\n{body}\n", dir.display());
+        install_script(&path, &script);
+        Helper::new(path, Direct)
+    }
+
+    /// Puts executable `script` at `path`, by `install` (see [`fake`]).
+    pub(crate) fn install_script(path: &Path, script: &str) {
+        let source = path.with_extension("source");
         std::fs::write(&source, script).unwrap();
         let installed = std::process::Command::new("install")
             .args(["-m", "0755"])
             .arg(&source)
-            .arg(&path)
+            .arg(path)
             .status()
             .unwrap();
         assert!(installed.success(), "install {}", path.display());
-        Helper::new(path, Direct)
     }
 
     fn args<'a>(bundle: &'a Path) -> PrepareArgs<'a> {
@@ -398,7 +369,8 @@ mod tests {
                 reference: "acme/echoserver".into(),
                 generation: Some(2),
                 paths: 4,
-                runc: None
+                runc: None,
+                env: Vec::new(),
             }
         );
         let argv = std::fs::read_to_string(dir.path().join("args")).unwrap();
@@ -423,6 +395,26 @@ mod tests {
         )
         .await;
         assert_eq!(e, "acme/nope: no such environment");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_keeps_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = fake(
+            dir.path(),
+            r#"echo '{"result":"failed","kind":"unavailable","error":"acme/echoserver: substituter http://127.0.0.1:1/: connection refused"}'; exit 1"#,
+        );
+        let e = h.prepare(&args(Path::new("/b"))).unwrap().reply().await;
+        assert!(
+            matches!(
+                e,
+                Err(HelperError::Refused {
+                    kind: FailureKind::Unavailable,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]

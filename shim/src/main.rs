@@ -3,9 +3,14 @@
 //! mounted before `runc create` (by `nixenv-hook shim-prepare`, a process of its own, so the
 //! shim that lives as long as the pod stays small: see [`helper`]); everything else runs as on
 //! containerd's runc shim.
+//!
+//! The task logic is [`task`] (plain async code, generic over the helper and the waiter for
+//! child exits, unit-tested with scripts as helper and runc); [`service`] is the ttrpc `Task`
+//! adapter over it, and [`error`] the only place that chooses a ttrpc code.
 
 mod bootstrap;
 mod container;
+mod error;
 mod events;
 mod helper;
 mod io;
@@ -18,6 +23,7 @@ mod reaper;
 mod runc;
 mod service;
 mod stats;
+mod task;
 
 use std::process::ExitCode;
 

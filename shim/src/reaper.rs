@@ -3,8 +3,13 @@
 //! (`waitpid(-1)` on each SIGCHLD). Whoever needs an exit asks [`wait`] for its pid; an exit
 //! reaped before anyone asked is kept for a while, so a process that exits before its pid is
 //! known (a short `exec`) is not lost.
+//!
+//! [`Wait`] is that edge as a trait, injected into the task logic: [`Reaped`] (this module's
+//! table) in the serving shim, [`Direct`] (`waitpid` on one pid) in the `delete` action and in
+//! tests, which run no reaper.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -143,6 +148,50 @@ pub fn start() -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Waits for a child's exit: the process edge shared by everything the shim starts (the
+/// helper, runc, the container's processes). The serving shim reaps all its children in one place ([`Reaped`]); the `delete`
+/// action and tests wait directly ([`Direct`]).
+pub trait Wait: Send + Sync + std::fmt::Debug + 'static {
+    /// The exit of child `pid`.
+    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send;
+}
+
+/// Exits from the shim's reaper.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reaped;
+
+impl Wait for Reaped {
+    fn wait(&self, pid: i32) -> impl Future<Output = Exit> + Send {
+        wait(pid)
+    }
+}
+
+/// `waitpid` on a blocking thread (a process without the reaper).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Direct;
+
+impl Wait for Direct {
+    async fn wait(&self, pid: i32) -> Exit {
+        let status = tokio::task::spawn_blocking(move || loop {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => return other,
+            }
+        })
+        .await;
+        match status {
+            Ok(Ok(status)) => exit_of(status),
+            _ => None,
+        }
+        .unwrap_or(Exit {
+            pid,
+            code: 255,
+            signal: None,
+            at: std::time::SystemTime::now(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Driving `runc` through the `runc` crate: a `Spawner` whose exits come from the
-//! [`reaper`] (the shim reaps all its children, so nobody else may wait for
-//! them), and the per-container client with its runtime options.
+//! Driving `runc` through the `runc` crate: a `Spawner` whose exits come from a [`Wait`]
+//! (in the serving shim the reaper, which reaps all its children, so nobody else may wait for
+//! them; in tests `waitpid`), and the per-container client with its runtime options. Which
+//! binary runs is the caller's: tests give a shell script.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use runc::options::GlobalOpts;
 use runc::Runc;
 use tokio::io::AsyncReadExt;
 
-use crate::reaper;
+use crate::reaper::Wait;
 
 /// How long to keep reading a finished runc's output (a process that inherited the pipe
 /// could otherwise hold it open forever).
@@ -98,11 +99,12 @@ pub fn resolve_binary(name: &str) -> Result<PathBuf, RuncError> {
 
 /// A runc client for one container: state under `root`, errors logged as JSON to
 /// `<bundle>/log.json` (read back by [`last_error`]).
-pub fn client(
+pub fn client<W: Wait>(
     binary: &Path,
     root: &Path,
     bundle: &Path,
     opts: &RuntimeOptions,
+    waiter: W,
 ) -> Result<Runc, RuncError> {
     let mut global = GlobalOpts::new()
         .command(binary)
@@ -110,7 +112,7 @@ pub fn client(
         .log(bundle.join("log.json"))
         .log_json()
         .systemd_cgroup(opts.systemd_cgroup);
-    global.custom_spawner(Arc::new(ReapedSpawner));
+    global.custom_spawner(Arc::new(Spawner(waiter)));
     global.build().map_err(RuncError::Client)
 }
 
@@ -146,9 +148,9 @@ pub fn describe(err: &runc::error::Error, bundle: &Path) -> String {
     }
 }
 
-/// Runs runc without tokio's child handling: the exit comes from the reaper.
+/// Runs runc without tokio's child handling: the exit comes from `W`.
 #[derive(Debug)]
-struct ReapedSpawner;
+struct Spawner<W>(W);
 
 async fn read_all(pipe: Option<impl std::os::fd::AsRawFd + Into<std::os::fd::OwnedFd>>) -> String {
     let Some(pipe) = pipe else {
@@ -163,7 +165,7 @@ async fn read_all(pipe: Option<impl std::os::fd::AsRawFd + Into<std::os::fd::Own
 }
 
 #[async_trait]
-impl runc::Spawner for ReapedSpawner {
+impl<W: Wait> runc::Spawner for Spawner<W> {
     async fn execute(
         &self,
         cmd: tokio::process::Command,
@@ -179,7 +181,7 @@ impl runc::Spawner for ReapedSpawner {
         let stdout = tokio::spawn(read_all(child.stdout.take()));
         let stderr = tokio::spawn(read_all(child.stderr.take()));
         drop(child);
-        let exit = reaper::wait(pid as i32).await;
+        let exit = self.0.wait(pid as i32).await;
         let collect = |h: tokio::task::JoinHandle<String>| async move {
             match tokio::time::timeout(OUTPUT_GRACE, h).await {
                 Ok(Ok(s)) => s,

@@ -366,14 +366,30 @@ async fn mission_pod_serves_from_its_closure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_fail_create_with_one_line() {
-    let env = nix_env();
-    let c = containerd(Some(&env.node));
+    // One attempt per request: the unreachable cache below fails at once.
+    let env = ServedNode::with(Cache::Xz, |n| n.with_config_line("download-attempts = 1"));
+    let ServedNode {
+        caches,
+        catalog: _catalog,
+        node,
+    } = env;
+    let c = containerd(Some(&node));
     let mut cri = Cri::connect(c.address()).await.unwrap();
-    for (reference, expect) in [
-        ("Acme/echo server", "Acme/echo server"),
-        ("acme/does-not-exist", "acme/does-not-exist"),
-        ("acme/echoserver@9", "acme/echoserver@9"),
-    ] {
+    // Each line names its reference; the last one finds the binary cache gone (the catalog
+    // still answers).
+    let cases = [
+        ("Acme/echo server", tonic::Code::InvalidArgument),
+        ("acme/does-not-exist", tonic::Code::NotFound),
+        ("acme/echoserver@9", tonic::Code::NotFound),
+        ("acme/echoserver", tonic::Code::Unavailable),
+    ];
+    let cache_url = caches.url();
+    let mut caches = Some(caches);
+    for (reference, code) in cases {
+        let expect = reference;
+        if code == tonic::Code::Unavailable {
+            drop(caches.take());
+        }
         let pod = PodSpec::new("bad")
             .handler("nixenv")
             .annotation("nix.dev/environment", reference);
@@ -392,13 +408,18 @@ async fn bad_references_fail_create_with_one_line() {
             .unwrap_or_default();
         assert!(line.contains(expect), "{reference}: {msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
+        eprintln!("{reference}: {:?}: {msg}", err.code());
+        assert_eq!(err.code(), code, "{reference}: {msg}");
+        if code == tonic::Code::Unavailable {
+            assert!(line.contains(&cache_url), "names the cache: {msg}");
+        }
         let st = cri.container_status(&id).await.unwrap();
         assert!(
             st.message.contains("nixenv: ") && st.message.contains(expect),
             "status message: {}",
             st.message
         );
-        assert!(env.node.pins().is_empty());
+        assert!(node.pins().is_empty());
         cri.delete_pod(&pod_id).await.unwrap();
     }
     c.assert_clean().await;

@@ -5,4 +5,4 @@ pub mod bundle;
 pub mod rewrite;
 
 pub use bundle::{BundleConfig, BundleError};
-pub use rewrite::{rewrite, Environment};
+pub use rewrite::{env_changes, rewrite, EnvChange, Environment};

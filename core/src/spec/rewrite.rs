@@ -86,6 +86,43 @@ fn env_name(entry: &str) -> &str {
     entry.split_once('=').map_or(entry, |(k, _)| k)
 }
 
+/// One variable the rewrite set in the process environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvChange {
+    /// The variable.
+    pub name: String,
+    /// Its value before the rewrite, if the container set it.
+    pub before: Option<String>,
+    /// Its value after.
+    pub after: String,
+}
+
+fn entry(kv: &str) -> (&str, &str) {
+    kv.split_once('=').unwrap_or((kv, ""))
+}
+
+/// The variables whose value differs from `before` to `after` (`KEY=VALUE` entries), in the
+/// order of `after`: what [`rewrite`] changed, for runtimes that must give execs the same
+/// changes.
+pub fn env_changes(before: &[String], after: &[String]) -> Vec<EnvChange> {
+    after
+        .iter()
+        .map(|kv| entry(kv))
+        .filter_map(|(name, value)| {
+            let old = before
+                .iter()
+                .map(|kv| entry(kv))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v);
+            (old != Some(value)).then(|| EnvChange {
+                name: name.to_owned(),
+                before: old.map(str::to_owned),
+                after: value.to_owned(),
+            })
+        })
+        .collect()
+}
+
 /// The new PATH value: our bin directories, then `existing` (or [`DEFAULT_PATH`]) without them.
 pub fn compose_path(bins: &[String], existing: Option<&str>) -> String {
     let rest: Vec<&str> = existing
@@ -155,6 +192,35 @@ pub fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_changes_are_the_variables_whose_value_differs() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let changes = env_changes(
+            &v(&["PATH=/usr/bin:/bin", "A=1", "KEEP=x"]),
+            &v(&[
+                "PATH=/nix/store/e/bin:/usr/bin:/bin",
+                "A=1",
+                "KEEP=x",
+                "ECHO_MESSAGE=hi",
+            ]),
+        );
+        assert_eq!(
+            changes,
+            vec![
+                EnvChange {
+                    name: "PATH".into(),
+                    before: Some("/usr/bin:/bin".into()),
+                    after: "/nix/store/e/bin:/usr/bin:/bin".into(),
+                },
+                EnvChange {
+                    name: "ECHO_MESSAGE".into(),
+                    before: None,
+                    after: "hi".into(),
+                },
+            ]
+        );
+    }
     use oci_spec::runtime::{ProcessBuilder, SpecBuilder};
 
     const A: &str = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-echoserver-0.1.0";

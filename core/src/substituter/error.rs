@@ -33,7 +33,7 @@ pub enum CacheFault {
     #[error("store directory is {found}, not {STORE_DIR}")]
     StoreDir { found: String },
     /// Its `nix-cache-info` could not be read (not found is fine: the cache is then accepted).
-    #[error("nix-cache-info: {source}")]
+    #[error("{source}")]
     CacheInfo { source: FetchError },
     /// A URL relative to the cache (a narinfo's name, a NAR's `URL`) does not make a URL.
     #[error("bad URL {relative:?}: {source}")]
