@@ -7,14 +7,19 @@
 //! - `prestart`/`createRuntime`: container state on stdin; materialises and pins the closure
 //!   and mounts it read-only into the container's mount namespace ([`crate::prestart`]).
 //! - `poststop`: container state on stdin; releases the pins.
+//!
+//! The core is a [`Node`] (`prepare_spec`, `release`, `store_dir`), the mount helper a
+//! [`Helper`]: type parameters, so the stages are testable without root.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use nixenv_core::runtime::Decision;
+use nixenv_core::runtime::{Decision, Owner, OwnerKind};
 use oci_spec::runtime::Spec;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::node::Node;
 
 /// Why a hook stage failed. `Display` is the one-line error (without `nixenv: `).
 #[derive(Debug, thiserror::Error)]
@@ -63,23 +68,6 @@ pub struct ContainerState {
     pub bundle: PathBuf,
 }
 
-/// What the hooks need from the core, as a trait.
-pub trait Prepare {
-    /// Error type; its `Display` is the one-line cause.
-    type Error: std::fmt::Display;
-    /// [`nixenv_core::runtime::prepare_spec`]; `bundle` is recorded in the pin when known.
-    fn prepare_spec(
-        &mut self,
-        key: &str,
-        spec: &mut Spec,
-        bundle: Option<&Path>,
-    ) -> Result<Decision, Self::Error>;
-    /// [`nixenv_core::runtime::release`].
-    fn release(&mut self, key: &str) -> Result<(), Self::Error>;
-    /// Where the node store keeps `/nix/store/<base>`.
-    fn store_dir(&self) -> PathBuf;
-}
-
 /// The pin key of a container prepared by the precreate hook: `rootfs-` and 32 hex digits of
 /// the SHA-256 of its root path (podman's rootfs mountpoints are unique per container).
 pub fn rootfs_key(root_path: &Path) -> String {
@@ -89,8 +77,18 @@ pub fn rootfs_key(root_path: &Path) -> String {
     format!("rootfs-{hex}")
 }
 
+/// The pin's owner for a container the hook prepares, in `dir` (its bundle, or its rootfs).
+fn owner(dir: Option<&Path>) -> Owner {
+    Owner {
+        kind: OwnerKind::Hook,
+        runtime_root: None,
+        bundle: dir.map(Path::to_owned),
+        namespace: None,
+    }
+}
+
 /// `precreate`: `input` is the spec; returns the bytes to write on stdout.
-pub fn precreate<P: Prepare>(core: &mut P, input: Vec<u8>) -> Result<Vec<u8>, HookError> {
+pub fn precreate<N: Node>(node: &mut N, input: Vec<u8>) -> Result<Vec<u8>, HookError> {
     let mut spec: Spec = serde_json::from_slice(&input).map_err(HookError::Spec)?;
     let (key, rootfs) = match spec.root() {
         Some(root) => (rootfs_key(root.path()), root.path().clone()),
@@ -99,8 +97,8 @@ pub fn precreate<P: Prepare>(core: &mut P, input: Vec<u8>) -> Result<Vec<u8>, Ho
     // The hook is not told the container id; the rootfs stands in for the bundle in the pin,
     // so gc can tell the pin is stale once the container's rootfs is gone (poststop missed).
     let owner_dir = rootfs.is_absolute().then_some(rootfs.as_path());
-    match core
-        .prepare_spec(&key, &mut spec, owner_dir)
+    match node
+        .prepare_spec(&key, &mut spec, &owner(owner_dir))
         .map_err(|e| HookError::Core(e.to_string()))?
     {
         Decision::PassThrough => Ok(input),
@@ -158,8 +156,8 @@ impl Helper for SelfHelper {
 
 /// `prestart`/`createRuntime`: prepares, pins and mounts the closure of the container in
 /// `state`. Returns the closure it mounted (empty when the container is not nixenv's).
-pub fn prestart<P: Prepare, H: Helper>(
-    core: &mut P,
+pub fn prestart<N: Node, H: Helper>(
+    node: &mut N,
     helper: &mut H,
     state: &[u8],
 ) -> Result<Vec<String>, HookError> {
@@ -172,14 +170,14 @@ pub fn prestart<P: Prepare, H: Helper>(
         .ok_or_else(|| HookError::NoPid {
             id: state.id.clone(),
         })?;
-    let prepared = match core
-        .prepare_spec(&state.id, &mut spec, Some(&state.bundle))
+    let prepared = match node
+        .prepare_spec(&state.id, &mut spec, &owner(Some(&state.bundle)))
         .map_err(|e| HookError::Core(e.to_string()))?
     {
         Decision::PassThrough => return Ok(Vec::new()),
         Decision::Rewritten(p) => p,
     };
-    let store = core.store_dir();
+    let store = node.store_dir();
     let sources: Vec<PathBuf> = prepared
         .closure
         .iter()
@@ -196,19 +194,19 @@ pub fn prestart<P: Prepare, H: Helper>(
         Err(e) => e,
     };
     // The container will not start: do not keep its closure pinned.
-    let _ = core.release(&state.id);
+    let _ = node.release(&state.id);
     Err(failed)
 }
 
 /// `poststop`: releases the pins of the container in `state` (by id, and by rootfs key for a
 /// container the precreate hook prepared).
-pub fn poststop<P: Prepare>(core: &mut P, state: &[u8]) -> Result<(), HookError> {
+pub fn poststop<N: Node>(node: &mut N, state: &[u8]) -> Result<(), HookError> {
     let state: ContainerState = serde_json::from_slice(state).map_err(HookError::State)?;
-    core.release(&state.id)
+    node.release(&state.id)
         .map_err(|e| HookError::Core(e.to_string()))?;
     if let Ok(spec) = load_bundle_spec(&state.bundle) {
         if let Some(root) = spec.root() {
-            core.release(&rootfs_key(root.path()))
+            node.release(&rootfs_key(root.path()))
                 .map_err(|e| HookError::Core(e.to_string()))?;
         }
     }
@@ -218,41 +216,19 @@ pub fn poststop<P: Prepare>(core: &mut P, state: &[u8]) -> Result<(), HookError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::fake::FakeNode;
     use nixenv_core::runtime::Prepared;
 
-    struct FakeCore {
-        calls: Vec<String>,
-        closure: Option<Vec<String>>,
-    }
-
-    impl Prepare for FakeCore {
-        type Error = String;
-        fn prepare_spec(
-            &mut self,
-            key: &str,
-            spec: &mut Spec,
-            _bundle: Option<&Path>,
-        ) -> Result<Decision, String> {
-            self.calls.push(format!("prepare {key}"));
-            match &self.closure {
-                None => Ok(Decision::PassThrough),
-                Some(c) => {
-                    spec.set_hostname(Some("rewritten".into()));
-                    Ok(Decision::Rewritten(Prepared {
-                        reference: "acme/echoserver".into(),
-                        generation: Some(1),
-                        closure: c.clone(),
-                        env: Vec::new(),
-                    }))
-                }
-            }
-        }
-        fn release(&mut self, key: &str) -> Result<(), String> {
-            self.calls.push(format!("release {key}"));
-            Ok(())
-        }
-        fn store_dir(&self) -> PathBuf {
-            "/var/lib/nixenv/store".into()
+    /// A node that prepares `closure` (`None`: passes through).
+    fn fake_node(closure: Option<Vec<&str>>) -> FakeNode {
+        FakeNode {
+            prepared: closure.map(|c| Prepared {
+                reference: "acme/echoserver".into(),
+                generation: Some(1),
+                closure: c.into_iter().map(String::from).collect(),
+                env: Vec::new(),
+            }),
+            ..FakeNode::default()
         }
     }
 
@@ -261,33 +237,25 @@ mod tests {
 
     #[test]
     fn precreate_passes_bytes_through_or_rewrites() {
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: None,
-        };
-        let out = precreate(&mut core, SPEC.as_bytes().to_vec()).unwrap();
+        let mut node = fake_node(None);
+        let out = precreate(&mut node, SPEC.as_bytes().to_vec()).unwrap();
         assert_eq!(out, SPEC.as_bytes());
         assert_eq!(
-            core.calls,
+            node.calls,
             [format!("prepare {}", rootfs_key(Path::new("/r/merged")))]
         );
+        assert_eq!(node.owners, [owner(Some(Path::new("/r/merged")))]);
 
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: Some(vec!["/nix/store/x-a".into()]),
-        };
-        let out = precreate(&mut core, SPEC.as_bytes().to_vec()).unwrap();
+        let mut node = fake_node(Some(vec!["/nix/store/x-a"]));
+        let out = precreate(&mut node, SPEC.as_bytes().to_vec()).unwrap();
         let spec: Spec = serde_json::from_slice(&out).unwrap();
         assert_eq!(spec.hostname().as_deref(), Some("rewritten"));
     }
 
     #[test]
     fn precreate_rejects_garbage_with_a_one_line_error() {
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: None,
-        };
-        let err = precreate(&mut core, b"{not json".to_vec()).unwrap_err();
+        let mut node = fake_node(None);
+        let err = precreate(&mut node, b"{not json".to_vec()).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("runtime spec on stdin is not valid"),
@@ -333,17 +301,12 @@ mod tests {
         let bundle = bundle_with_spec();
         let state = serde_json::json!({"ociVersion": "1.0.2", "id": "c1", "status": "created",
             "pid": 4242, "bundle": bundle.path(), "annotations": {}});
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: Some(vec![
-                "/nix/store/aaa-glibc".into(),
-                "/nix/store/bbb-echo".into(),
-            ]),
-        };
+        let mut node = fake_node(Some(vec!["/nix/store/aaa-glibc", "/nix/store/bbb-echo"]));
         let mut helper = FakeHelper(vec![], Ok(()));
-        let closure = prestart(&mut core, &mut helper, state.to_string().as_bytes()).unwrap();
+        let closure = prestart(&mut node, &mut helper, state.to_string().as_bytes()).unwrap();
         assert_eq!(closure.len(), 2);
-        assert_eq!(core.calls, ["prepare c1"]);
+        assert_eq!(node.calls, ["prepare c1"]);
+        assert_eq!(node.owners, [owner(Some(bundle.path()))]);
         let rootfs = bundle.path().join("rootfs");
         assert_eq!(
             helper.0,
@@ -362,30 +325,24 @@ mod tests {
     fn prestart_failure_releases_the_pin() {
         let bundle = bundle_with_spec();
         let state = serde_json::json!({"id": "c1", "pid": 4242, "bundle": bundle.path()});
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: Some(vec!["/nix/store/aaa-glibc".into()]),
-        };
+        let mut node = fake_node(Some(vec!["/nix/store/aaa-glibc"]));
         let mut helper = FakeHelper(vec![], Err("bind mount onto /x: permission denied".into()));
-        let err = prestart(&mut core, &mut helper, state.to_string().as_bytes()).unwrap_err();
+        let err = prestart(&mut node, &mut helper, state.to_string().as_bytes()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "acme/echoserver: mounting the closure: bind mount onto /x: permission denied"
         );
-        assert_eq!(core.calls, ["prepare c1", "release c1"]);
+        assert_eq!(node.calls, ["prepare c1", "release c1"]);
     }
 
     #[test]
     fn prestart_without_annotation_mounts_nothing() {
         let bundle = bundle_with_spec();
         let state = serde_json::json!({"id": "c1", "pid": 1, "bundle": bundle.path()});
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: None,
-        };
+        let mut node = fake_node(None);
         let mut helper = FakeHelper(vec![], Ok(()));
         assert!(
-            prestart(&mut core, &mut helper, state.to_string().as_bytes())
+            prestart(&mut node, &mut helper, state.to_string().as_bytes())
                 .unwrap()
                 .is_empty()
         );
@@ -396,13 +353,10 @@ mod tests {
     fn poststop_releases_by_id_and_rootfs_key() {
         let bundle = bundle_with_spec();
         let state = serde_json::json!({"id": "c1", "bundle": bundle.path()});
-        let mut core = FakeCore {
-            calls: vec![],
-            closure: None,
-        };
-        poststop(&mut core, state.to_string().as_bytes()).unwrap();
+        let mut node = fake_node(None);
+        poststop(&mut node, state.to_string().as_bytes()).unwrap();
         assert_eq!(
-            core.calls,
+            node.calls,
             [
                 "release c1".to_string(),
                 format!("release {}", rootfs_key(Path::new("rootfs")))

@@ -10,7 +10,8 @@
 //! - [`shim`]: the containerd shim's preparing process (`shim-prepare`, `shim-release`, `shim-config`;
 //!   the `nixenv-shim-protocol` crate, failures sent with their kind);
 //! - [`prestart`]: mounting a closure into a container's mount namespace (the syscall edge);
-//! - [`node`]: the core library on this node.
+//! - [`node`]: the core library on this node, behind one trait ([`node::Node`]), used by the
+//!   wrapper, the hook stages and the shim stages.
 
 pub mod args;
 pub mod exec;

@@ -1,15 +1,57 @@
-//! The core library on this node: [`crate::wrapper::Core`] and [`crate::hook::Prepare`] over
-//! `nixenv_core::runtime`, with the configuration loaded only when first needed.
+//! The core library on this node, behind one narrow trait: [`Node`] is what the runc wrapper
+//! ([`crate::wrapper`]), the OCI hook ([`crate::hook`]) and the shim's helper ([`crate::shim`])
+//! need from `nixenv_core::runtime` — its two entry points, [`runtime::prepare_spec`] and
+//! [`runtime::prepare_bundle`], [`runtime::release`], and three cheap questions about this node.
+//!
+//! [`RealNode`] is the production implementation, with the configuration loaded only when first
+//! needed; the tests drive the three callers with the one fake beside it (`node/fake.rs`). Each
+//! caller builds the pin's [`Owner`] itself: it alone knows which runtime it is, runc's root and
+//! the namespace.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use nixenv_core::config::{Config, ConfigError};
-use nixenv_core::pin::{self, Owner, OwnerKind};
-use nixenv_core::runtime::{self, Decision, RuntimeError};
+use nixenv_core::pin;
+use nixenv_core::runtime::{self, Decision, Owner, RuntimeError};
 use oci_spec::runtime::Spec;
+
+#[cfg(test)]
+pub(crate) mod fake;
 
 /// runc's state directory when `--root` is not given (as root).
 pub const RUNC_DEFAULT_ROOT: &str = "/run/runc";
+
+/// The node-side preparation of a container, as the wrapper, the hook and the shim's helper
+/// see it.
+pub trait Node {
+    /// Error type; its `Display` is the one-line cause.
+    type Error: std::fmt::Display;
+    /// [`runtime::prepare_spec`]: prepares container `key` and rewrites `spec` in place,
+    /// recording `owner` in the pin.
+    fn prepare_spec(
+        &mut self,
+        key: &str,
+        spec: &mut Spec,
+        owner: &Owner,
+    ) -> Result<Decision, Self::Error>;
+    /// [`runtime::prepare_bundle`]: prepares container `id` and rewrites `<bundle>/config.json`,
+    /// recording `owner` in the pin (its `bundle`, when `None`, is `bundle`).
+    fn prepare_bundle(
+        &mut self,
+        id: &str,
+        bundle: &Path,
+        owner: &Owner,
+    ) -> Result<Decision, Self::Error>;
+    /// [`runtime::release`]: drops the pin of container `id` (idempotent).
+    fn release(&mut self, id: &str) -> Result<(), Self::Error>;
+    /// Whether container `id` may hold a pin. Called on every runc `delete`: it must be cheap.
+    fn may_be_pinned(&mut self, id: &str) -> bool;
+    /// The configured runc (`runc` in the config), if any.
+    fn runc(&mut self) -> Result<Option<PathBuf>, Self::Error>;
+    /// Where the node store keeps `/nix/store/<base>`.
+    fn store_dir(&self) -> PathBuf;
+}
 
 /// Why the core could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -33,21 +75,35 @@ pub enum NodeError {
     },
 }
 
-/// The node's core, with a lazily loaded configuration.
+/// The production [`Node`]: the core on this node, with a lazily loaded configuration.
 #[derive(Debug, Default)]
-pub struct Node {
+pub struct RealNode {
     cfg: Option<Config>,
+    abandon_on_signal: bool,
 }
 
-impl Node {
+impl RealNode {
     /// A node whose configuration is loaded on first use (`$NIXENV_CONFIG` or the default path).
     pub fn new() -> Self {
-        Node { cfg: None }
+        RealNode::default()
     }
 
     /// A node with a given configuration.
     pub fn with_config(cfg: Config) -> Self {
-        Node { cfg: Some(cfg) }
+        RealNode {
+            cfg: Some(cfg),
+            ..RealNode::default()
+        }
+    }
+
+    /// This node, with each preparation abandoned (its future dropped, which undoes its work)
+    /// on SIGTERM or SIGINT, failing with [`NodeError::Cancelled`]: the shim's helper, whose
+    /// shim sends SIGTERM on shutdown or dies.
+    pub fn abandon_on_signal(self) -> Self {
+        RealNode {
+            abandon_on_signal: true,
+            ..self
+        }
     }
 
     fn config(&mut self) -> Result<&Config, NodeError> {
@@ -57,116 +113,46 @@ impl Node {
         Ok(self.cfg.as_ref().expect("loaded above"))
     }
 
-    fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, NodeError> {
-        // Built only on the paths that materialise; dropped (threads joined) before any exec.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(NodeError::Tokio)?;
-        Ok(rt.block_on(fut))
-    }
-
-    /// Drops the pin of `key` (idempotent); returns the configured runc.
-    fn release_pin(&mut self, key: &str) -> Result<Option<PathBuf>, NodeError> {
-        let cfg = self.config()?;
-        runtime::release(cfg, key)?;
-        Ok(cfg.runc.clone())
-    }
-
-    /// [`Node::block_on`], abandoned (the future dropped, which undoes its work) on SIGTERM
-    /// or SIGINT.
-    fn block_on_until_signal<F: std::future::Future>(
-        container: &str,
-        fut: F,
-    ) -> Result<F::Output, NodeError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Self::block_on(async {
-            let watch = |kind, name| {
-                signal(kind).map_err(|source| NodeError::Signal {
-                    signal: name,
-                    source,
-                })
-            };
-            let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
-            let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
-            let cancelled = |signal| NodeError::Cancelled {
-                container: container.to_owned(),
-                signal,
-            };
-            tokio::select! {
-                out = fut => Ok(out),
-                _ = term.recv() => Err(cancelled("SIGTERM")),
-                _ = int.recv() => Err(cancelled("SIGINT")),
-            }
-        })?
+    /// What a preparation runs with: the configuration, and whether to abandon it on a signal.
+    fn preparing(&mut self) -> Result<(&Config, bool), NodeError> {
+        let abandon = self.abandon_on_signal;
+        Ok((self.config()?, abandon))
     }
 }
 
-impl crate::shim::ShimCore for Node {
+impl Node for RealNode {
     type Error = NodeError;
 
-    fn prepare(
+    fn prepare_spec(
         &mut self,
-        req: &crate::shim::PrepareRequest,
-    ) -> Result<(Decision, Option<PathBuf>), NodeError> {
-        let cfg = match self.config() {
-            Ok(cfg) => cfg.clone(),
-            // Without a configuration the shim still runs the containers nixenv leaves alone.
-            Err(e) => match runtime::bundle_wants(&req.bundle) {
-                Some(_) => return Err(e),
-                None => {
-                    tracing::debug!(error = %e, "no usable nixenv config; plain containers only");
-                    return Ok((Decision::PassThrough, None));
-                }
-            },
-        };
-        let owner = Owner {
-            kind: OwnerKind::Shim,
-            runtime_root: req.runtime_root.clone(),
-            bundle: std::path::absolute(&req.bundle).ok(),
-            namespace: req.namespace.clone(),
-        };
-        let decision = Self::block_on_until_signal(
-            &req.id,
-            runtime::prepare_bundle(&cfg, &req.id, &req.bundle, &owner),
-        )??;
-        Ok((decision, cfg.runc.clone()))
+        key: &str,
+        spec: &mut Spec,
+        owner: &Owner,
+    ) -> Result<Decision, NodeError> {
+        let (cfg, abandon) = self.preparing()?;
+        Ok(block_on(
+            abandon,
+            key,
+            runtime::prepare_spec(cfg, key, spec, owner),
+        )??)
     }
-
-    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, NodeError> {
-        self.release_pin(id)
-    }
-
-    fn configured_runc(&mut self) -> Result<Option<PathBuf>, NodeError> {
-        Ok(self.config()?.runc.clone())
-    }
-}
-
-impl crate::wrapper::Core for Node {
-    type Error = NodeError;
 
     fn prepare_bundle(
         &mut self,
         id: &str,
         bundle: &Path,
-        runtime_root: Option<&Path>,
-    ) -> Result<Option<PathBuf>, NodeError> {
-        let cfg = self.config()?.clone();
-        let owner = Owner {
-            kind: OwnerKind::RuncWrapper,
-            runtime_root: Some(
-                runtime_root
-                    .unwrap_or(Path::new(RUNC_DEFAULT_ROOT))
-                    .to_owned(),
-            ),
-            bundle: std::path::absolute(bundle).ok(),
-            namespace: None,
-        };
-        let decision = Self::block_on(runtime::prepare_bundle(&cfg, id, bundle, &owner))??;
-        if let Decision::Rewritten(p) = &decision {
-            tracing::info!(container = id, reference = %p.reference, paths = p.closure.len(), "bundle prepared");
-        }
-        Ok(cfg.runc.clone())
+        owner: &Owner,
+    ) -> Result<Decision, NodeError> {
+        let (cfg, abandon) = self.preparing()?;
+        Ok(block_on(
+            abandon,
+            id,
+            runtime::prepare_bundle(cfg, id, bundle, owner),
+        )??)
+    }
+
+    fn release(&mut self, id: &str) -> Result<(), NodeError> {
+        Ok(runtime::release(self.config()?, id)?)
     }
 
     fn may_be_pinned(&mut self, id: &str) -> bool {
@@ -179,38 +165,8 @@ impl crate::wrapper::Core for Node {
         }
     }
 
-    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, NodeError> {
-        self.release_pin(id)
-    }
-
-    fn configured_runc(&self) -> Option<PathBuf> {
-        self.cfg.as_ref().and_then(|c| c.runc.clone())
-    }
-}
-
-impl crate::hook::Prepare for Node {
-    type Error = NodeError;
-
-    fn prepare_spec(
-        &mut self,
-        key: &str,
-        spec: &mut Spec,
-        bundle: Option<&Path>,
-    ) -> Result<Decision, NodeError> {
-        let cfg = self.config()?.clone();
-        let owner = Owner {
-            kind: OwnerKind::Hook,
-            runtime_root: None,
-            bundle: bundle.map(Path::to_owned),
-            namespace: None,
-        };
-        Ok(Self::block_on(runtime::prepare_spec(
-            &cfg, key, spec, &owner,
-        ))??)
-    }
-
-    fn release(&mut self, key: &str) -> Result<(), NodeError> {
-        self.release_pin(key).map(|_| ())
+    fn runc(&mut self) -> Result<Option<PathBuf>, NodeError> {
+        Ok(self.config()?.runc.clone())
     }
 
     fn store_dir(&self) -> PathBuf {
@@ -219,4 +175,41 @@ impl crate::hook::Prepare for Node {
             .map(Config::store_dir)
             .unwrap_or_else(|| Config::default().store_dir())
     }
+}
+
+/// Runs `fut` (the preparation of `container`) to completion on a runtime built for it, and
+/// dropped (threads joined) before any exec; when `abandon_on_signal`, drops it instead on
+/// SIGTERM or SIGINT.
+fn block_on<F: Future>(
+    abandon_on_signal: bool,
+    container: &str,
+    fut: F,
+) -> Result<F::Output, NodeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(NodeError::Tokio)?;
+    if !abandon_on_signal {
+        return Ok(rt.block_on(fut));
+    }
+    rt.block_on(async {
+        let watch = |kind, name| {
+            signal(kind).map_err(|source| NodeError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+        let cancelled = |signal| NodeError::Cancelled {
+            container: container.to_owned(),
+            signal,
+        };
+        tokio::select! {
+            out = fut => Ok(out),
+            _ = term.recv() => Err(cancelled("SIGTERM")),
+            _ = int.recv() => Err(cancelled("SIGINT")),
+        }
+    })
 }

@@ -19,6 +19,10 @@
 //! failure carries its [`FailureKind`] ([`Classify`], from `RuntimeError::kind`); a rewrite
 //! carries the environment changes it made.
 //!
+//! The core is a [`Node`] (`prepare_bundle`, `release`, `runc`), a type parameter so the
+//! stages are testable without a node; `nixenv-hook` runs them on a [`crate::node::RealNode`]
+//! that abandons a preparation on a signal ([`crate::node::RealNode::abandon_on_signal`]).
+//!
 //! On SIGTERM or SIGINT (the shim shutting down, or dying: the shim sets `PR_SET_PDEATHSIG`),
 //! a preparation is abandoned the way a failed one is: its pin is removed and nothing
 //! half-installed stays in the store. Paths it already committed stay, for the next attempt.
@@ -28,13 +32,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use nixenv_core::failure;
-use nixenv_core::runtime::Decision;
+use nixenv_core::runtime::{self, Decision, Owner, OwnerKind};
 pub use nixenv_shim_protocol::{
     EnvChange, FailureKind, Reply, BUNDLE_FLAG, CONFIG_STAGE, ID_FLAG, NAMESPACE_FLAG,
     PREPARE_STAGE, RELEASE_STAGE, RUNTIME_ROOT_FLAG,
 };
 
-use crate::node::NodeError;
+use crate::node::{Node, NodeError};
 
 /// A preparation the shim asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,21 +69,6 @@ pub enum ShimStageError {
         stage: &'static str,
         flag: &'static str,
     },
-}
-
-/// What the stages need from the core, as a trait so they are testable without a node.
-pub trait ShimCore {
-    /// Error type; its `Display` is the one-line cause, its [`Classify::kind`] the kind.
-    type Error: std::fmt::Display + Classify;
-    /// Decides, resolves, materialises, pins and rewrites; returns the decision and the
-    /// configured runc. Without a usable configuration, a bundle nixenv would not touch passes
-    /// through (the shim then runs plain containers only).
-    fn prepare(&mut self, req: &PrepareRequest)
-        -> Result<(Decision, Option<PathBuf>), Self::Error>;
-    /// Drops the pin of container `id`; returns the configured runc.
-    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, Self::Error>;
-    /// The configured runc.
-    fn configured_runc(&mut self) -> Result<Option<PathBuf>, Self::Error>;
 }
 
 fn flags(
@@ -176,10 +165,39 @@ fn failed<E: std::fmt::Display + Classify>(e: &E) -> Reply {
 }
 
 /// Runs a preparation and says how it went.
-pub fn prepare<C: ShimCore>(core: &mut C, req: &PrepareRequest) -> Reply {
-    match core.prepare(req) {
-        Ok((Decision::PassThrough, runc)) => Reply::PassThrough { runc },
-        Ok((Decision::Rewritten(p), runc)) => {
+pub fn prepare<N: Node>(node: &mut N, req: &PrepareRequest) -> Reply
+where
+    N::Error: Classify,
+{
+    match prepare_bundle(node, req) {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::warn!(container = %req.id, kind = ?e.kind(), error = %e, "preparation failed");
+            failed(&e)
+        }
+    }
+}
+
+/// Decides, resolves, materialises, pins and rewrites. Without a usable configuration, a
+/// bundle nixenv would not touch passes through (the shim then runs plain containers only).
+fn prepare_bundle<N: Node>(node: &mut N, req: &PrepareRequest) -> Result<Reply, N::Error> {
+    let runc = match node.runc() {
+        Ok(runc) => runc,
+        Err(e) if runtime::bundle_wants(&req.bundle).is_none() => {
+            tracing::debug!(error = %e, "no usable nixenv config; plain containers only");
+            return Ok(Reply::PassThrough { runc: None });
+        }
+        Err(e) => return Err(e),
+    };
+    let owner = Owner {
+        kind: OwnerKind::Shim,
+        runtime_root: req.runtime_root.clone(),
+        bundle: None, // the core records the bundle
+        namespace: req.namespace.clone(),
+    };
+    Ok(match node.prepare_bundle(&req.id, &req.bundle, &owner)? {
+        Decision::PassThrough => Reply::PassThrough { runc },
+        Decision::Rewritten(p) => {
             tracing::info!(container = %req.id, reference = %p.reference, paths = p.closure.len(), "bundle prepared");
             Reply::Rewritten {
                 reference: p.reference,
@@ -197,24 +215,26 @@ pub fn prepare<C: ShimCore>(core: &mut C, req: &PrepareRequest) -> Reply {
                     .collect(),
             }
         }
-        Err(e) => {
-            tracing::warn!(container = %req.id, kind = ?e.kind(), error = %e, "preparation failed");
-            failed(&e)
-        }
-    }
+    })
 }
 
 /// Drops a pin and says how it went.
-pub fn release<C: ShimCore>(core: &mut C, id: &str) -> Reply {
-    match core.release(id) {
+pub fn release<N: Node>(node: &mut N, id: &str) -> Reply
+where
+    N::Error: Classify,
+{
+    match node.release(id).and_then(|()| node.runc()) {
         Ok(runc) => Reply::Released { runc },
         Err(e) => failed(&e),
     }
 }
 
 /// Says which runc the configuration names.
-pub fn config<C: ShimCore>(core: &mut C) -> Reply {
-    match core.configured_runc() {
+pub fn config<N: Node>(node: &mut N) -> Reply
+where
+    N::Error: Classify,
+{
+    match node.runc() {
         Ok(runc) => Reply::Configured { runc },
         Err(e) => failed(&e),
     }
@@ -223,23 +243,21 @@ pub fn config<C: ShimCore>(core: &mut C) -> Reply {
 /// Runs stage `stage` with `args` (after the stage name): writes the reply line to `out` and
 /// returns the exit code. A preparation whose reply cannot be written (the shim is gone) is
 /// undone: nobody would run the container or drop its pin.
-pub fn main<C: ShimCore, W: Write>(
-    stage: &str,
-    args: &[OsString],
-    core: &mut C,
-    out: &mut W,
-) -> i32 {
+pub fn main<N: Node, W: Write>(stage: &str, args: &[OsString], node: &mut N, out: &mut W) -> i32
+where
+    N::Error: Classify,
+{
     let mut prepared = None;
     let parsed = match stage {
         PREPARE_STAGE => parse_prepare(args).map(|req| {
-            let reply = prepare(core, &req);
+            let reply = prepare(node, &req);
             if matches!(reply, Reply::Rewritten { .. }) {
                 prepared = Some(req.id);
             }
             reply
         }),
-        CONFIG_STAGE => parse_id(CONFIG_STAGE, args).map(|_| config(core)),
-        _ => parse_id(RELEASE_STAGE, args).map(|id| release(core, &id)),
+        CONFIG_STAGE => parse_id(CONFIG_STAGE, args).map(|_| config(node)),
+        _ => parse_id(RELEASE_STAGE, args).map(|id| release(node, &id)),
     };
     let (reply, code) = match parsed {
         Ok(reply @ Reply::Failed { .. }) => (reply, 1),
@@ -257,7 +275,7 @@ pub fn main<C: ShimCore, W: Write>(
     line.push(b'\n');
     if out.write_all(&line).and_then(|()| out.flush()).is_err() {
         if let Some(id) = prepared {
-            if let Err(e) = core.release(&id) {
+            if let Err(e) = node.release(&id) {
                 tracing::warn!(container = %id, error = %e, "cannot drop the pin of an unreported preparation");
             }
         }
@@ -269,6 +287,7 @@ pub fn main<C: ShimCore, W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::fake::FakeNode;
     use nixenv_core::runtime::Prepared;
 
     fn os(args: &[&str]) -> Vec<OsString> {
@@ -282,32 +301,13 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Fake {
-        decision: Option<Decision>,
-        fail: Option<String>,
-        asked: Vec<PrepareRequest>,
-        released: Vec<String>,
-    }
-
-    impl ShimCore for Fake {
-        type Error = String;
-        fn prepare(&mut self, req: &PrepareRequest) -> Result<(Decision, Option<PathBuf>), String> {
-            self.asked.push(req.clone());
-            match &self.fail {
-                Some(e) => Err(e.clone()),
-                None => Ok((
-                    self.decision.clone().unwrap_or(Decision::PassThrough),
-                    Some("/opt/runc".into()),
-                )),
-            }
-        }
-        fn release(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
-            self.released.push(id.to_owned());
-            self.fail.clone().map_or(Ok(None), Err)
-        }
-        fn configured_runc(&mut self) -> Result<Option<PathBuf>, String> {
-            Ok(Some("/opt/runc".into()))
+    /// A node configured with runc `/opt/runc` that prepares `prepared` (`None`: passes
+    /// through).
+    fn fake_node(prepared: Option<Prepared>) -> FakeNode {
+        FakeNode {
+            prepared,
+            runc: Some("/opt/runc".into()),
+            ..FakeNode::default()
         }
     }
 
@@ -325,21 +325,18 @@ mod tests {
 
     #[test]
     fn a_preparation_nobody_hears_of_is_undone() {
-        let mut core = Fake {
-            decision: Some(Decision::Rewritten(Prepared {
-                reference: "acme/echoserver".into(),
-                generation: None,
-                closure: vec!["/nix/store/a".into()],
-                env: Vec::new(),
-            })),
-            ..Fake::default()
-        };
+        let mut node = fake_node(Some(Prepared {
+            reference: "acme/echoserver".into(),
+            generation: None,
+            closure: vec!["/nix/store/a".into()],
+            env: Vec::new(),
+        }));
         let args = os(&["--id", "c1", "--bundle", "/b"]);
-        assert_eq!(main(PREPARE_STAGE, &args, &mut core, &mut Gone), 1);
-        assert_eq!(core.released, vec!["c1".to_owned()]);
+        assert_eq!(main(PREPARE_STAGE, &args, &mut node, &mut Gone), 1);
+        assert_eq!(node.calls, ["prepare c1 /b None", "release c1"]);
         let mut out = Vec::new();
         assert_eq!(
-            main(CONFIG_STAGE, &os(&["--id", "c1"]), &mut core, &mut out),
+            main(CONFIG_STAGE, &os(&["--id", "c1"]), &mut node, &mut out),
             0
         );
         assert_eq!(
@@ -383,16 +380,13 @@ mod tests {
     #[test]
     fn replies_carry_the_decision_the_runc_and_the_error() {
         let req = parse_prepare(&os(&["--id", "c1", "--bundle", "/b"])).unwrap();
-        let mut core = Fake {
-            decision: Some(Decision::Rewritten(Prepared {
-                reference: "acme/echoserver".into(),
-                generation: Some(2),
-                closure: vec!["/nix/store/a".into(), "/nix/store/b".into()],
-                env: Vec::new(),
-            })),
-            ..Fake::default()
-        };
-        let reply = prepare(&mut core, &req);
+        let mut node = fake_node(Some(Prepared {
+            reference: "acme/echoserver".into(),
+            generation: Some(2),
+            closure: vec!["/nix/store/a".into(), "/nix/store/b".into()],
+            env: Vec::new(),
+        }));
+        let reply = prepare(&mut node, &req);
         assert_eq!(
             reply,
             Reply::Rewritten {
@@ -403,16 +397,25 @@ mod tests {
                 env: Vec::new(),
             }
         );
-        assert_eq!(core.asked, vec![req.clone()]);
+        assert_eq!(node.calls, ["prepare c1 /b None"]);
+        assert_eq!(
+            node.owners,
+            [Owner {
+                kind: OwnerKind::Shim,
+                runtime_root: req.runtime_root.clone(),
+                bundle: None,
+                namespace: req.namespace.clone(),
+            }]
+        );
         // The wire form the shim parses.
         let line = serde_json::to_string(&reply).unwrap();
         assert_eq!(
             line,
             r#"{"result":"rewritten","reference":"acme/echoserver","generation":2,"paths":2,"runc":"/opt/runc"}"#
         );
-        let mut failing = Fake {
+        let mut failing = FakeNode {
             fail: Some("acme/nope: no such environment in catalog".into()),
-            ..Fake::default()
+            ..FakeNode::default()
         };
         assert_eq!(
             prepare(&mut failing, &req),
@@ -422,19 +425,19 @@ mod tests {
             }
         );
         assert_eq!(
-            release(&mut Fake::default(), "c1"),
+            release(&mut FakeNode::default(), "c1"),
             Reply::Released { runc: None }
         );
     }
 
     #[test]
     fn a_malformed_command_line_is_exit_code_2_and_touches_nothing() {
-        let mut core = Fake::default();
+        let mut node = FakeNode::default();
         let mut out = Vec::new();
         let bad = os(&["--bundle", "/b"]);
-        assert_eq!(main(PREPARE_STAGE, &bad, &mut core, &mut out), 2);
-        assert_eq!(main(RELEASE_STAGE, &os(&[]), &mut core, &mut out), 2);
-        assert!(core.asked.is_empty() && core.released.is_empty());
+        assert_eq!(main(PREPARE_STAGE, &bad, &mut node, &mut out), 2);
+        assert_eq!(main(RELEASE_STAGE, &os(&[]), &mut node, &mut out), 2);
+        assert!(node.calls.is_empty());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"result\":\"failed\",\"error\":\"shim-prepare: --id is required\"}\n\
@@ -442,10 +445,10 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            main(RELEASE_STAGE, &os(&["--id", "c1"]), &mut core, &mut out),
+            main(RELEASE_STAGE, &os(&["--id", "c1"]), &mut node, &mut out),
             0
         );
-        assert_eq!(core.released, vec!["c1".to_owned()]);
+        assert_eq!(node.calls, ["release c1"]);
     }
 
     #[test]
@@ -477,20 +480,17 @@ mod tests {
     #[test]
     fn a_rewrite_reports_the_env_it_changed() {
         let req = parse_prepare(&os(&["--id", "c1", "--bundle", "/b"])).unwrap();
-        let mut core = Fake {
-            decision: Some(Decision::Rewritten(Prepared {
-                reference: "acme/echoserver".into(),
-                generation: None,
-                closure: vec!["/nix/store/a".into()],
-                env: vec![nixenv_core::spec::EnvChange {
-                    name: "PATH".into(),
-                    before: None,
-                    after: "/nix/store/a/bin".into(),
-                }],
-            })),
-            ..Fake::default()
-        };
-        let Reply::Rewritten { env, .. } = prepare(&mut core, &req) else {
+        let mut node = fake_node(Some(Prepared {
+            reference: "acme/echoserver".into(),
+            generation: None,
+            closure: vec!["/nix/store/a".into()],
+            env: vec![nixenv_core::spec::EnvChange {
+                name: "PATH".into(),
+                before: None,
+                after: "/nix/store/a/bin".into(),
+            }],
+        }));
+        let Reply::Rewritten { env, .. } = prepare(&mut node, &req) else {
             panic!("not rewritten")
         };
         assert_eq!(

@@ -6,33 +6,20 @@
 //! `create`, `run` and `delete`; those, and anything it cannot decide or run, it hands with
 //! argv unchanged to `nixenv-hook runc …` next to it, which links the core and runs [`run`]
 //! (which also passes through what turns out not to need it).
+//!
+//! The core is a [`Node`] (`prepare_bundle`, `may_be_pinned`, `release`, `runc`), the real
+//! runc a [`Process`] found by [`Locate`]: type parameters, so the flow is testable without
+//! root.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use nixenv_core::runtime::{Decision, Owner, OwnerKind};
+
 use crate::args::{self, Action, Invocation};
 use crate::exec::{ExecError, Process};
+use crate::node::{Node, RUNC_DEFAULT_ROOT};
 use crate::runc_log;
-
-/// The core operations the wrapper needs, as a trait so the flow is testable without root.
-pub trait Core {
-    /// Error type; its `Display` is the one-line cause.
-    type Error: std::fmt::Display;
-    /// Prepares `<bundle>/config.json` for container `id` of the runc whose state directory is
-    /// `runtime_root` (`--root`; `None`: runc's default); returns the configured runc, if any.
-    fn prepare_bundle(
-        &mut self,
-        id: &str,
-        bundle: &Path,
-        runtime_root: Option<&Path>,
-    ) -> Result<Option<PathBuf>, Self::Error>;
-    /// Whether container `id` may hold a pin. Called on every `delete`: it must be cheap.
-    fn may_be_pinned(&mut self, id: &str) -> bool;
-    /// Releases container `id`'s pin; returns the configured runc, if any.
-    fn release(&mut self, id: &str) -> Result<Option<PathBuf>, Self::Error>;
-    /// The configured runc (`runc` in the config), if already known without extra work.
-    fn configured_runc(&self) -> Option<PathBuf>;
-}
 
 /// Where to find the real runc when the configuration does not say.
 pub trait Locate {
@@ -43,11 +30,26 @@ pub trait Locate {
 /// The `nixenv-hook` stage that runs [`run`] (nixenv-runc's second stage).
 pub const FULL_STAGE: &str = "runc";
 
+/// The pin's owner for a container of the runc whose state directory is `runtime_root`
+/// (`--root`; `None`: runc's default). The core records the bundle.
+fn owner(runtime_root: Option<&Path>) -> Owner {
+    Owner {
+        kind: OwnerKind::RuncWrapper,
+        runtime_root: Some(
+            runtime_root
+                .unwrap_or(Path::new(RUNC_DEFAULT_ROOT))
+                .to_owned(),
+        ),
+        bundle: None,
+        namespace: None,
+    }
+}
+
 /// Runs nixenv-runc with `args` (argv without `argv[0]`); returns the exit code when it does not
 /// exec.
-pub fn run<C: Core, P: Process, L: Locate>(
+pub fn run<N: Node, P: Process, L: Locate>(
     args: &[OsString],
-    core: &mut C,
+    node: &mut N,
     process: &P,
     locate: &L,
 ) -> i32 {
@@ -70,8 +72,15 @@ pub fn run<C: Core, P: Process, L: Locate>(
         },
         Action::Prepare { bundle, id, .. } => {
             let bundle = bundle.as_deref().map(Path::new).unwrap_or(Path::new("."));
-            let root = inv.global.root.as_deref().map(Path::new);
-            let configured = match core.prepare_bundle(&id.to_string_lossy(), bundle, root) {
+            let id = id.to_string_lossy();
+            let owner = owner(inv.global.root.as_deref().map(Path::new));
+            let prepared = node.prepare_bundle(&id, bundle, &owner).and_then(|decision| {
+                if let Decision::Rewritten(p) = &decision {
+                    tracing::info!(container = %id, reference = %p.reference, paths = p.closure.len(), "bundle prepared");
+                }
+                node.runc()
+            });
+            let configured = match prepared {
                 Ok(c) => c,
                 Err(e) => return fail(&inv, format!("nixenv: {e}")),
             };
@@ -85,8 +94,9 @@ pub fn run<C: Core, P: Process, L: Locate>(
         }
         Action::Delete { id } => {
             let id = id.to_string_lossy();
-            if !core.may_be_pinned(&id) {
-                return match runc(core.configured_runc()) {
+            if !node.may_be_pinned(&id) {
+                // may_be_pinned has loaded the configuration; without one, PATH names runc.
+                return match runc(node.runc().ok().flatten()) {
                     Ok(runc) => {
                         let e = process.exec(&runc, args);
                         fail(&inv, format!("nixenv: {e}"))
@@ -96,12 +106,12 @@ pub fn run<C: Core, P: Process, L: Locate>(
             }
             // runc deletes first: a refused delete (a running container without --force) keeps
             // its closure pinned.
-            let code = match runc(core.configured_runc()).and_then(|r| process.run(&r, args)) {
+            let code = match runc(node.runc().ok().flatten()).and_then(|r| process.run(&r, args)) {
                 Ok(code) => code,
                 Err(e) => return fail(&inv, format!("nixenv: {e}")),
             };
             if code == 0 {
-                if let Err(e) = core.release(&id) {
+                if let Err(e) = node.release(&id) {
                     // The container is gone; a pin left behind is stale and `nixenv gc` drops it.
                     runc_log::report_warning(
                         inv.global.log.as_deref(),
@@ -118,43 +128,8 @@ pub fn run<C: Core, P: Process, L: Locate>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::fake::FakeNode;
     use std::cell::RefCell;
-
-    #[derive(Default)]
-    struct FakeCore {
-        calls: Vec<String>,
-        fail: Option<String>,
-        pinned: bool,
-        runc: Option<PathBuf>,
-    }
-
-    impl Core for FakeCore {
-        type Error = String;
-        fn prepare_bundle(
-            &mut self,
-            id: &str,
-            bundle: &Path,
-            root: Option<&Path>,
-        ) -> Result<Option<PathBuf>, String> {
-            self.calls
-                .push(format!("prepare {id} {} {root:?}", bundle.display()));
-            match &self.fail {
-                Some(e) => Err(e.clone()),
-                None => Ok(self.runc.clone()),
-            }
-        }
-        fn may_be_pinned(&mut self, id: &str) -> bool {
-            self.calls.push(format!("pinned? {id}"));
-            self.pinned
-        }
-        fn release(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
-            self.calls.push(format!("release {id}"));
-            Ok(None)
-        }
-        fn configured_runc(&self) -> Option<PathBuf> {
-            self.runc.clone()
-        }
-    }
 
     #[derive(Default)]
     struct FakeProcess {
@@ -197,10 +172,10 @@ mod tests {
             "features",
             "start c1",
         ] {
-            let mut core = FakeCore::default();
+            let mut node = FakeNode::default();
             let p = FakeProcess::default();
-            run(&argv(line), &mut core, &p, &FixedRunc);
-            assert!(core.calls.is_empty(), "{line}");
+            run(&argv(line), &mut node, &p, &FixedRunc);
+            assert!(node.calls.is_empty(), "{line}");
             assert_eq!(
                 p.calls.borrow().as_slice(),
                 [format!("exec /usr/sbin/runc {:?}", argv(line))]
@@ -211,13 +186,14 @@ mod tests {
     #[test]
     fn create_prepares_then_execs_the_same_argv() {
         let line = "--root /r --log /l --log-format json create --bundle /b --pid-file /p c1";
-        let mut core = FakeCore {
+        let mut node = FakeNode {
             runc: Some("/opt/runc".into()),
             ..Default::default()
         };
         let p = FakeProcess::default();
-        run(&argv(line), &mut core, &p, &FixedRunc);
-        assert_eq!(core.calls, ["prepare c1 /b Some(\"/r\")"]);
+        run(&argv(line), &mut node, &p, &FixedRunc);
+        assert_eq!(node.calls, ["prepare c1 /b Some(\"/r\")"]);
+        assert_eq!(node.owners[0].kind, OwnerKind::RuncWrapper);
         assert_eq!(
             p.calls.borrow().as_slice(),
             [format!("exec /opt/runc {:?}", argv(line))]
@@ -229,13 +205,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log.json");
         let line = format!("--log {} --log-format json create c1", log.display());
-        let mut core = FakeCore {
+        let mut node = FakeNode {
             fail: Some("acme/x@9: generation 9 not found".into()),
             ..Default::default()
         };
         let p = FakeProcess::default();
-        assert_eq!(run(&argv(&line), &mut core, &p, &FixedRunc), 1);
-        assert_eq!(core.calls, ["prepare c1 . None"]);
+        assert_eq!(run(&argv(&line), &mut node, &p, &FixedRunc), 1);
+        // No --root: the pin records runc's default root.
+        assert_eq!(node.calls, ["prepare c1 . Some(\"/run/runc\")"]);
         assert!(p.calls.borrow().is_empty());
         let v: serde_json::Value =
             serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
@@ -245,26 +222,26 @@ mod tests {
 
     #[test]
     fn delete_without_pin_execs_at_once() {
-        let mut core = FakeCore::default();
+        let mut node = FakeNode::default();
         let p = FakeProcess::default();
-        run(&argv("delete --force c1"), &mut core, &p, &FixedRunc);
-        assert_eq!(core.calls, ["pinned? c1"]);
+        run(&argv("delete --force c1"), &mut node, &p, &FixedRunc);
+        assert_eq!(node.calls, ["pinned? c1"]);
         assert_eq!(p.calls.borrow().len(), 1);
         assert!(p.calls.borrow()[0].starts_with("exec "));
     }
 
     #[test]
     fn delete_with_pin_releases_after_runc_succeeds() {
-        let mut core = FakeCore {
+        let mut node = FakeNode {
             pinned: true,
             ..Default::default()
         };
         let p = FakeProcess::default();
-        assert_eq!(run(&argv("delete c1"), &mut core, &p, &FixedRunc), 0);
-        assert_eq!(core.calls, ["pinned? c1", "release c1"]);
+        assert_eq!(run(&argv("delete c1"), &mut node, &p, &FixedRunc), 0);
+        assert_eq!(node.calls, ["pinned? c1", "release c1"]);
         assert!(p.calls.borrow()[0].starts_with("run /usr/sbin/runc"));
 
-        let mut core = FakeCore {
+        let mut node = FakeNode {
             pinned: true,
             ..Default::default()
         };
@@ -272,7 +249,7 @@ mod tests {
             exit: 1,
             ..Default::default()
         };
-        assert_eq!(run(&argv("delete c1"), &mut core, &p, &FixedRunc), 1);
-        assert_eq!(core.calls, ["pinned? c1"], "a refused delete keeps the pin");
+        assert_eq!(run(&argv("delete c1"), &mut node, &p, &FixedRunc), 1);
+        assert_eq!(node.calls, ["pinned? c1"], "a refused delete keeps the pin");
     }
 }

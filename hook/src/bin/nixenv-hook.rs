@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use nixenv_hook::exec::RealProcess;
-use nixenv_hook::{hook, node::Node, prestart, shim, wrapper, EnvLocate};
+use nixenv_hook::{hook, node::RealNode, prestart, shim, wrapper, EnvLocate};
 
 fn stdin() -> anyhow::Result<Vec<u8>> {
     let mut buf = Vec::new();
@@ -38,18 +38,18 @@ fn run(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
     let stage = args.first().and_then(|s| s.to_str()).unwrap_or("");
     match stage {
         "precreate" => {
-            let out = hook::precreate(&mut Node::new(), stdin()?)?;
+            let out = hook::precreate(&mut RealNode::new(), stdin()?)?;
             std::io::stdout()
                 .write_all(&out)
                 .map_err(hook::HookError::Stdout)?;
         }
         "prestart" | "createRuntime" => {
-            hook::prestart(&mut Node::new(), &mut hook::SelfHelper, &stdin()?)?;
+            hook::prestart(&mut RealNode::new(), &mut hook::SelfHelper, &stdin()?)?;
         }
-        "poststop" => hook::poststop(&mut Node::new(), &stdin()?)?,
+        "poststop" => hook::poststop(&mut RealNode::new(), &stdin()?)?,
         s if s == wrapper::FULL_STAGE => {
             // nixenv-runc's create/run/delete (argv unchanged after the stage name).
-            let code = wrapper::run(&args[1..], &mut Node::new(), &RealProcess, &EnvLocate);
+            let code = wrapper::run(&args[1..], &mut RealNode::new(), &RealProcess, &EnvLocate);
             std::process::exit(code);
         }
         s if [shim::PREPARE_STAGE, shim::RELEASE_STAGE, shim::CONFIG_STAGE].contains(&s) => {
@@ -57,7 +57,7 @@ fn run(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
             let code = shim::main(
                 s,
                 &args[1..],
-                &mut Node::new(),
+                &mut RealNode::new().abandon_on_signal(),
                 &mut std::io::stdout().lock(),
             );
             std::process::exit(code);
