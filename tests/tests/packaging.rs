@@ -1128,6 +1128,7 @@ fn vagrantfile_validates() {
 /// profiles' worth of dependencies) costs many minutes more. Only cargo's registry cache is
 /// shared with this checkout.
 #[test]
+#[ignore = "a full build from nothing (over 6 minutes on 2 cores): run with --ignored"]
 fn packaging_build_in_a_fresh_clone_packages_what_it_just_built() {
     if !(have("git") && have("dpkg-deb") && have("jq")) {
         eprintln!("skipped: needs git, dpkg-deb and jq");
