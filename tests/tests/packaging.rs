@@ -1118,3 +1118,104 @@ fn vagrantfile_validates() {
         "a broken Vagrantfile must not validate"
     );
 }
+
+/// `packaging/build` in a fresh clone of this repository's HEAD, as a user runs it: no
+/// `CARGO_TARGET_DIR`, so everything lands in the clone's `./target`. Stale binaries planted
+/// there beforehand (another ELF, another build-id) stand for an older build: the package must
+/// hold the binaries this run just built, nixenv-runc's first stage (a workspace of its own)
+/// included. The dev profile, as the other packaging tests use: the first stage's target dir
+/// is chosen by the same line for every profile, and a release build from nothing (three
+/// profiles' worth of dependencies) costs many minutes more. Only cargo's registry cache is
+/// shared with this checkout.
+#[test]
+#[ignore = "a full build from nothing (over 6 minutes on 2 cores): run with --ignored"]
+fn packaging_build_in_a_fresh_clone_packages_what_it_just_built() {
+    if !(have("git") && have("dpkg-deb") && have("jq")) {
+        eprintln!("skipped: needs git, dpkg-deb and jq");
+        return;
+    }
+    let head =
+        text(&run_ok(Command::new("git").args(["-C", WORKSPACE, "rev-parse", "HEAD"])).stdout)
+            .trim()
+            .to_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let clone = tmp.path().join("nixenv");
+    run_ok(
+        Command::new("git")
+            .args(["clone", "--quiet", "--no-checkout", WORKSPACE])
+            .arg(&clone),
+    );
+    run_ok(
+        Command::new("git")
+            .arg("-C")
+            .arg(&clone)
+            .args(["checkout", "--quiet", "--detach", &head]),
+    );
+
+    let bins = [
+        "nixenv",
+        "containerd-shim-nixenv-v2",
+        "nixenv-runc",
+        "nixenv-hook",
+    ];
+    let decoy = Path::new("/bin/true");
+    let decoy_id = build_id(decoy);
+    for profile in ["debug", "release"] {
+        let dir = clone.join("target").join(profile);
+        fs::create_dir_all(&dir).unwrap();
+        for bin in bins {
+            fs::copy(decoy, dir.join(bin)).unwrap();
+        }
+    }
+
+    let out_dir = tmp.path().join("packages");
+    let start = Instant::now();
+    let out = run_ok(
+        Command::new(clone.join("packaging/build"))
+            .args(["--profile", "dev", "--no-rpm", "--out"])
+            .arg(&out_dir)
+            .current_dir(&clone)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR"),
+    );
+    eprintln!(
+        "packaging/build --profile dev in a fresh clone: {:.1?}",
+        start.elapsed()
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = out_dir.join(format!("nixenv_{version}_amd64.deb"));
+    assert!(
+        text(&out.stdout).lines().any(|l| Path::new(l) == deb),
+        "{}",
+        text(&out.stdout)
+    );
+    let unpacked = tmp.path().join("deb");
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked));
+    for bin in bins {
+        let built = clone.join("target/debug").join(bin);
+        let built_id = build_id(&built);
+        assert_ne!(
+            built_id, decoy_id,
+            "{bin}: this build replaced the stale one"
+        );
+        let packaged_id = build_id(&unpacked.join("usr/bin").join(bin));
+        assert_eq!(
+            packaged_id, built_id,
+            "{bin}: the package holds the binary just built"
+        );
+    }
+    assert!(
+        !clone.join("hook/runc/target").exists(),
+        "the first stage builds into the clone's target dir"
+    );
+    let status = text(
+        &run_ok(
+            Command::new("git")
+                .arg("-C")
+                .arg(&clone)
+                .args(["status", "--porcelain"]),
+        )
+        .stdout,
+    );
+    assert_eq!(status, "", "the build leaves the checkout clean");
+}

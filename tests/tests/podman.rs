@@ -154,6 +154,28 @@ fn assert_echoserver_env(reply: &EchoReply, fx: &Fixtures) {
     );
 }
 
+/// `podman run -d` of `echoserver` (by name) in `acme/echoserver` with `extra` options; its
+/// reply once it serves, and the container's name.
+fn run_echoserver(podman: &Podman, prefix: &str, extra: &[&str]) -> (String, EchoReply) {
+    let (name, port) = (unique(prefix), free_port());
+    let port_env = format!("PORT={port}");
+    let mut args = vec![
+        "-d",
+        "--name",
+        &name,
+        "--annotation",
+        "nix.dev/environment=acme/echoserver",
+        "-e",
+        &port_env,
+    ];
+    args.extend_from_slice(extra);
+    let out = podman.run(&args, &["echoserver"]);
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
+        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    (name, reply)
+}
+
 #[test]
 fn nixenv_runc_serves_the_environment_and_rm_unpins() {
     let e = env();
@@ -161,22 +183,7 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
     let runtime = nixenv_runc_runtime(podman.dir(), &e.node, "");
     let podman = podman.runtime(runtime);
     podman.import_empty_image().unwrap();
-    let (name, port) = (unique("echo"), free_port());
-    let out = podman.run(
-        &[
-            "-d",
-            "--name",
-            &name,
-            "--annotation",
-            "nix.dev/environment=acme/echoserver",
-            "-e",
-            &format!("PORT={port}"),
-        ],
-        &["echoserver"],
-    );
-    assert!(out.status.success(), "podman run: {}", stderr(&out));
-    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
-        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    let (name, reply) = run_echoserver(&podman, "echo", &[]);
     assert_echoserver_env(&reply, Fixtures::get());
 
     let id = container_id(&podman, &name);
@@ -196,6 +203,90 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
     }
 }
 
+/// CRI-O's default PATH, the first `PATH` entry of every spec it writes.
+const CRIO_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// CRI-O's spec shape, replayed through podman: the runtime script puts CRI-O's default PATH
+/// and a default `ECHO_MESSAGE` (a variable the lock sets) before the container's own entries
+/// at create, as CRI-O does with its defaults before the image's and the pod's env. runc uses
+/// the last entry of a key: the closure's PATH must be built from (and replace) the last one,
+/// or `echoserver` by bare name is not found.
+#[test]
+fn a_spec_shaped_like_crio_s_with_two_paths_runs_echoserver_by_name() {
+    let e = env();
+    let podman = Podman::new();
+    let dir = podman.dir().to_owned();
+    let jq = Path::new("/usr/bin/jq");
+    assert!(jq.is_file(), "jq (tests/install-deps installs it)");
+    let config = e.node.write_config();
+    let runtime = script(
+        &dir.join("crio-shaped.sh"),
+        &format!(
+            "export NIXENV_CONFIG={config:?}\n\
+             prev=\n\
+             for a in \"$@\"; do\n\
+               if [ \"$prev\" = --bundle ]; then\n\
+                 {jq:?} '.process.env = [\"PATH={CRIO_DEFAULT_PATH}\", \"ECHO_MESSAGE=crio default\"] + .process.env' \"$a/config.json\" > \"$a/config.json.crio\"\n\
+                 mv \"$a/config.json.crio\" \"$a/config.json\"\n\
+                 cp \"$a/config.json\" {dir:?}/before.json\n\
+               fi\n\
+               prev=$a\n\
+             done\n\
+             exec {:?} \"$@\"\n",
+            bin_path("nixenv-runc")
+        ),
+    );
+    let podman = podman.runtime(runtime);
+    podman.import_empty_image().unwrap();
+    let (name, reply) = run_echoserver(
+        &podman,
+        "crio",
+        &[
+            "-e",
+            "PATH=/image/bin:/usr/bin",
+            "-e",
+            "ECHO_MESSAGE=from the pod",
+        ],
+    );
+    let before: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("before.json")).unwrap()).unwrap();
+    let paths = before["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v.as_str().unwrap().starts_with("PATH="))
+        .count();
+    assert_eq!(paths, 2, "the spec had two PATH entries: {before}");
+    let fx = Fixtures::get();
+    assert_eq!(
+        reply.path.as_deref(),
+        Some(
+            format!(
+                "{}/bin:{}/bin:/image/bin:/usr/bin",
+                fx.echoserver, fx.busybox
+            )
+            .as_str()
+        ),
+        "the closure's bins before the PATH that was effective"
+    );
+    assert_eq!(
+        reply.message.as_deref(),
+        Some("from the pod"),
+        "the container's last ECHO_MESSAGE wins over the lock's"
+    );
+    assert_eq!(
+        reply.env.get("NIXENV_ENVIRONMENT").map(String::as_str),
+        Some("acme/echoserver")
+    );
+    let id = container_id(&podman, &name);
+    podman.ok(&["rm", "--force", "--time", "0", &name]).unwrap();
+    assert_eq!(
+        pins_mentioning(&e.node, &id),
+        Vec::<PathBuf>::new(),
+        "podman rm unpins"
+    );
+}
+
 #[test]
 fn precreate_hook_with_stock_runc_gives_the_same_result() {
     let e = env();
@@ -207,22 +298,7 @@ fn precreate_hook_with_stock_runc_gives_the_same_result() {
     );
     let podman = podman.runtime(REAL_RUNC).hooks_dir(hooks);
     podman.import_empty_image().unwrap();
-    let (name, port) = (unique("pre"), free_port());
-    let out = podman.run(
-        &[
-            "-d",
-            "--name",
-            &name,
-            "--annotation",
-            "nix.dev/environment=acme/echoserver",
-            "-e",
-            &format!("PORT={port}"),
-        ],
-        &["echoserver"],
-    );
-    assert!(out.status.success(), "podman run: {}", stderr(&out));
-    let reply = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
-        .unwrap_or_else(|err| panic!("{err:#}\nlogs: {}", podman.logs(&name)));
+    let (name, reply) = run_echoserver(&podman, "pre", &[]);
     assert_echoserver_env(&reply, Fixtures::get());
 
     let root = podman

@@ -5,4 +5,4 @@ pub mod bundle;
 pub mod rewrite;
 
 pub use bundle::{BundleConfig, BundleError};
-pub use rewrite::{env_changes, rewrite, EnvChange, Environment};
+pub use rewrite::{effective, env_changes, rewrite, EnvChange, Environment};

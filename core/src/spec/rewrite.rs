@@ -5,9 +5,15 @@
 //!   creates the bind mountpoints in it before remounting it read-only (checked on runc 1.1).
 //! - One bind mount per closure path: `/nix/store/<base>` from `{store}/<base>`,
 //!   `rbind,ro,nosuid,nodev`. Mounts the spec already had at or below `/nix/store` are dropped.
+//! - A variable's value is its last entry in `process.env`, as runc reads it (it sets each
+//!   entry in order; CRI-O's specs carry two `PATH` entries, its default first and the image's
+//!   later). Every variable the rewrite sets ends with exactly one entry, holding the value it
+//!   computed: the last entry is rewritten in place and earlier ones dropped, so no runtime,
+//!   hook or `getenv` (which takes the first) can read another value. Other duplicates stay.
 //! - `PATH` = `<p>/bin` for each lock path that has a `bin/`, in lock order, then the
-//!   container's PATH (or [`DEFAULT_PATH`]).
-//! - Each lock env entry is added unless the container sets that variable (the pod wins).
+//!   container's effective PATH (or [`DEFAULT_PATH`]).
+//! - Each lock env entry is added unless the container sets that variable (the pod wins, with
+//!   whichever value is its effective one).
 //! - `NIXENV_ENVIRONMENT` = the reference as annotated; `NIXENV_GENERATION` = the generation
 //!   number, and absent for store-path references.
 //! - `process.args` are untouched.
@@ -82,10 +88,6 @@ pub fn closure_mounts(closure: &[StorePath], store_dir: &Path) -> Vec<Mount> {
     out
 }
 
-fn env_name(entry: &str) -> &str {
-    entry.split_once('=').map_or(entry, |(k, _)| k)
-}
-
 /// One variable the rewrite set in the process environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvChange {
@@ -101,19 +103,44 @@ fn entry(kv: &str) -> (&str, &str) {
     kv.split_once('=').unwrap_or((kv, ""))
 }
 
-/// The variables whose value differs from `before` to `after` (`KEY=VALUE` entries), in the
-/// order of `after`: what [`rewrite`] changed, for runtimes that must give execs the same
-/// changes.
+/// The value a process started from `env` (`KEY=VALUE` entries) gets for `name`: its last
+/// entry's, as runc sets each entry in order.
+pub fn effective<'a>(env: &'a [String], name: &str) -> Option<&'a str> {
+    env.iter()
+        .map(|kv| entry(kv))
+        .rfind(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Makes `name=value` the one entry of `name`: the last entry is rewritten in place and the
+/// earlier ones dropped, or the entry is appended.
+fn set_one(env: &mut Vec<String>, name: &str, value: &str) {
+    let kv = format!("{name}={value}");
+    match env.iter().rposition(|e| entry(e).0 == name) {
+        Some(last) => {
+            env[last] = kv;
+            let mut i = 0;
+            env.retain(|e| {
+                let keep = i >= last || entry(e).0 != name;
+                i += 1;
+                keep
+            });
+        }
+        None => env.push(kv),
+    }
+}
+
+/// The variables whose effective value (see [`effective`]) differs from `before` to `after`
+/// (`KEY=VALUE` entries), in the order of their effective entries in `after`: what [`rewrite`]
+/// changed, for runtimes that must give execs the same changes.
 pub fn env_changes(before: &[String], after: &[String]) -> Vec<EnvChange> {
     after
         .iter()
-        .map(|kv| entry(kv))
-        .filter_map(|(name, value)| {
-            let old = before
-                .iter()
-                .map(|kv| entry(kv))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v);
+        .enumerate()
+        .map(|(i, kv)| (i, entry(kv)))
+        .filter(|(i, (name, _))| !after[i + 1..].iter().any(|kv| entry(kv).0 == *name))
+        .filter_map(|(_, (name, value))| {
+            let old = effective(before, name);
             (old != Some(value)).then(|| EnvChange {
                 name: name.to_owned(),
                 before: old.map(str::to_owned),
@@ -167,21 +194,16 @@ pub fn rewrite(
         .filter(|p| has_bin(p))
         .map(|p| format!("{}/bin", p.to_absolute_path()))
         .collect();
-    let path_idx = vars.iter().position(|e| env_name(e) == "PATH");
-    let existing = path_idx.map(|i| vars[i].split_once('=').map_or("", |(_, v)| v).to_owned());
-    let new_path = format!("PATH={}", compose_path(&bins, existing.as_deref()));
-    match path_idx {
-        Some(i) => vars[i] = new_path,
-        None => vars.push(new_path),
-    }
+    let new_path = compose_path(&bins, effective(&vars, "PATH"));
+    set_one(&mut vars, "PATH", &new_path);
 
     for (k, v) in env.env.iter() {
-        if !vars.iter().any(|e| env_name(e) == k) {
+        if effective(&vars, k).is_none() {
             vars.push(format!("{k}={v}"));
         }
     }
 
-    vars.retain(|e| env_name(e) != ENV_ENVIRONMENT && env_name(e) != ENV_GENERATION);
+    vars.retain(|e| entry(e).0 != ENV_ENVIRONMENT && entry(e).0 != ENV_GENERATION);
     vars.push(format!("{ENV_ENVIRONMENT}={}", env.reference));
     if let Some(g) = env.generation {
         vars.push(format!("{ENV_GENERATION}={g}"));
@@ -393,6 +415,109 @@ mod tests {
             .unwrap()
             .iter()
             .any(|m| m.destination() == Path::new(A)));
+    }
+
+    /// CRI-O's shape: its default PATH first, the image's env (its own PATH) later, then the
+    /// pod's; here also a lock variable set twice by the container and an unrelated duplicate.
+    const CRIO_ENV: [&str; 9] = [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "TERM=xterm",
+        "HOSTNAME=echoserver",
+        "DUP=1",
+        "PATH=/image/bin:/usr/bin",
+        "MODE=image",
+        "DUP=2",
+        "MODE=pod",
+        "NIXENV_GENERATION=7",
+    ];
+
+    #[test]
+    fn crio_shaped_env_gets_one_path_composed_from_the_last_entry() {
+        let lock_env = envvars(&[("ECHO_MESSAGE", "hello from nix"), ("MODE", "lock")]);
+        let mut s = spec(&CRIO_ENV);
+        apply(&mut s, "acme/echoserver", Some(2), &lock_env);
+        let after = env_of(&s);
+        assert_eq!(
+            after,
+            [
+                "TERM=xterm".to_string(),
+                "HOSTNAME=echoserver".into(),
+                "DUP=1".into(),
+                format!("PATH={A}/bin:{B}/bin:/image/bin:/usr/bin"),
+                "MODE=image".into(),
+                "DUP=2".into(),
+                "MODE=pod".into(),
+                "ECHO_MESSAGE=hello from nix".into(),
+                "NIXENV_ENVIRONMENT=acme/echoserver".into(),
+                "NIXENV_GENERATION=2".into(),
+            ]
+        );
+        // What runc runs with: our PATH, the pod's MODE, the unrelated duplicate's last value.
+        assert_eq!(
+            effective(&after, "PATH"),
+            Some(format!("{A}/bin:{B}/bin:/image/bin:/usr/bin").as_str())
+        );
+        assert_eq!(effective(&after, "MODE"), Some("pod"));
+        assert_eq!(effective(&after, "DUP"), Some("2"));
+
+        // The changes name the values that were effective before.
+        let before: Vec<String> = CRIO_ENV.iter().map(|s| s.to_string()).collect();
+        let change = |name: &str, before: Option<&str>, after: &str| EnvChange {
+            name: name.into(),
+            before: before.map(Into::into),
+            after: after.into(),
+        };
+        assert_eq!(
+            env_changes(&before, &after),
+            [
+                change(
+                    "PATH",
+                    Some("/image/bin:/usr/bin"),
+                    &format!("{A}/bin:{B}/bin:/image/bin:/usr/bin")
+                ),
+                change("ECHO_MESSAGE", None, "hello from nix"),
+                change("NIXENV_ENVIRONMENT", None, "acme/echoserver"),
+                change("NIXENV_GENERATION", Some("7"), "2"),
+            ]
+        );
+
+        let mut twice = s.clone();
+        apply(&mut twice, "acme/echoserver", Some(2), &lock_env);
+        assert_eq!(s, twice, "idempotent on CRI-O's shape too");
+    }
+
+    #[test]
+    fn env_changes_compare_effective_values() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Unrelated duplicates left as they were are no change.
+        assert_eq!(
+            env_changes(&v(&["X=1", "X=2", "Y=a"]), &v(&["X=1", "X=2", "Y=a"])),
+            []
+        );
+        // Collapsing duplicates to their effective value is no change either.
+        assert_eq!(env_changes(&v(&["X=1", "X=2"]), &v(&["X=2"])), []);
+        // A duplicate whose last entry changed is, from the value that was effective.
+        assert_eq!(
+            env_changes(&v(&["X=1", "X=2"]), &v(&["X=2", "X=3"])),
+            [EnvChange {
+                name: "X".into(),
+                before: Some("2".into()),
+                after: "3".into(),
+            }]
+        );
+        assert_eq!(effective(&v(&["X=1", "Y", "X=2"]), "Y"), Some(""));
+        assert_eq!(effective(&v(&["X=1"]), "Z"), None);
+    }
+
+    #[test]
+    fn set_one_keeps_the_last_position_and_drops_earlier_entries() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut env = v(&["P=1", "A=x", "P=2", "B=y", "P=3", "C=z"]);
+        set_one(&mut env, "P", "new");
+        assert_eq!(env, v(&["A=x", "B=y", "P=new", "C=z"]));
+        let mut env = v(&["A=x"]);
+        set_one(&mut env, "P", "new");
+        assert_eq!(env, v(&["A=x", "P=new"]));
     }
 
     #[test]
