@@ -129,6 +129,18 @@ pub struct Key {
     pub secret_file: PathBuf,
 }
 
+impl Key {
+    /// The key with its secret file in this checkout's `tests/fixtures/keys/`: the fixtures
+    /// are shared by every checkout on the machine (their hash covers the keys' contents), so
+    /// the path recorded by the checkout that built them may be gone.
+    fn in_this_checkout(mut self) -> Key {
+        self.secret_file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/keys")
+            .join(format!("{}.sec", self.name));
+        self
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct Keys {
     trusted: Key,
@@ -418,8 +430,8 @@ fn load(dir: &Path) -> anyhow::Result<Option<Fixtures>> {
         busybox: m.paths.busybox,
         data: m.paths.data,
         echoserver: m.paths.echoserver,
-        trusted_key: m.keys.trusted,
-        untrusted_key: m.keys.untrusted,
+        trusted_key: m.keys.trusted.in_this_checkout(),
+        untrusted_key: m.keys.untrusted.in_this_checkout(),
         catalog: m.catalog,
         closures: m.closures,
         caches: m.caches,
