@@ -360,12 +360,7 @@ impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
                     Ok(Some(info)) => {
                         progress.present(&p);
                         walk.add_references(&p, info.references);
-                        let released = walk.schedule.valid(&p);
-                        walk.ready.extend(released.launch);
-                        debug_assert!(released.commit.is_empty() || !walk.staged.is_empty());
-                        for c in released.commit {
-                            pending.push(self.commit_staged(&mut walk, c));
-                        }
+                        self.now_valid(&mut walk, &p, &mut pending);
                     }
                     Ok(None) => {
                         let fut = self
