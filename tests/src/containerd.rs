@@ -533,6 +533,12 @@ impl Containerd {
                     .map(|s| s.success())
                     .unwrap_or(false);
                 if ok {
+                    // A config of another version than containerd expects is migrated in
+                    // memory with a warning, and settings may silently move or go.
+                    let log = self.log();
+                    if let Some(line) = log.lines().find(|l| l.contains("migrated")) {
+                        anyhow::bail!("containerd did not take its config as written: {line}");
+                    }
                     return Ok(());
                 }
             }
