@@ -77,12 +77,17 @@ pub fn ctr_binary() -> PathBuf {
 /// The major version of `containerd --version` of `bin` (`containerd <module> v2.1.5 <commit>`,
 /// Debian: `containerd <module> 1.6.20~ds1 …`).
 pub fn major_version_of(bin: &Path) -> anyhow::Result<u32> {
+    Ok(version_of(bin)?.0)
+}
+
+/// The (major, minor) version of `containerd --version` of `bin`.
+pub fn version_of(bin: &Path) -> anyhow::Result<(u32, u32)> {
     let out = Command::new(bin)
         .arg("--version")
         .output()
         .map_err(|e| anyhow::anyhow!("run {} --version: {e}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_major_version(&text).ok_or_else(|| {
+    parse_version(&text).ok_or_else(|| {
         anyhow::anyhow!(
             "{} --version: no version in {:?}",
             bin.display(),
@@ -91,32 +96,43 @@ pub fn major_version_of(bin: &Path) -> anyhow::Result<u32> {
     })
 }
 
-fn parse_major_version(text: &str) -> Option<u32> {
+fn parse_version(text: &str) -> Option<(u32, u32)> {
     text.split_whitespace()
         .skip(1)
         .map(|w| w.trim_start_matches('v'))
         .find_map(|w| {
             let (major, rest) = w.split_once('.')?;
-            rest.chars().next().filter(char::is_ascii_digit)?;
-            major.parse().ok()
+            let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((major.parse().ok()?, minor.parse().ok()?))
         })
+}
+
+/// The (major, minor) version of [`containerd_binary`] (cached; panics if it cannot be run).
+pub fn version() -> (u32, u32) {
+    static VERSION: OnceLock<(u32, u32)> = OnceLock::new();
+    *VERSION.get_or_init(|| {
+        version_of(&containerd_binary()).unwrap_or_else(|e| panic!("containerd: {e}"))
+    })
 }
 
 /// The major version of [`containerd_binary`] (cached; panics if it cannot be run).
 pub fn major_version() -> u32 {
-    static MAJOR: OnceLock<u32> = OnceLock::new();
-    *MAJOR.get_or_init(|| {
-        major_version_of(&containerd_binary()).unwrap_or_else(|e| panic!("containerd: {e}"))
-    })
+    version().0
 }
 
-/// The config version [`containerd_binary`] reads: 3 for containerd 2.x, 2 for 1.x.
-pub fn config_version() -> u32 {
-    if major_version() >= 2 {
-        3
-    } else {
-        2
+/// The config version a containerd of `version` reads without migrating it: 2 for 1.x, 3 for
+/// 2.0–2.2, 4 for 2.3 and later (server settings moved under `plugins`).
+pub fn config_version_for(version: (u32, u32)) -> u32 {
+    match version {
+        (0 | 1, _) => 2,
+        (2, 0..=2) => 3,
+        _ => 4,
     }
+}
+
+/// The config version [`containerd_binary`] reads ([`config_version_for`]).
+pub fn config_version() -> u32 {
+    config_version_for(version())
 }
 
 /// A CRI runtime handler (`plugins."io.containerd.grpc.v1.cri".containerd.runtimes.NAME`).
@@ -284,22 +300,23 @@ impl ContainerdBuilder {
         }
     }
 
-    /// The config file for a root at `dir`: version 2 (containerd 1.6/1.7) or 3 (2.x), as
-    /// [`config_version`] (or [`Self::config_version`]) says.
+    /// The config file for a root at `dir`: version 2 (containerd 1.6/1.7), 3 (2.0–2.2) or 4
+    /// (2.3+), as [`config_version`] (or [`Self::config_version`]) says.
     pub fn config_toml(&self, dir: &Path) -> String {
-        if self.effective_config_version() >= 3 {
-            self.config_toml_v3(dir)
-        } else {
-            self.config_toml_v2(dir)
+        match self.effective_config_version() {
+            0..=2 => self.config_toml_v2(dir),
+            v => self.config_toml_v3(dir, v),
         }
     }
 
-    /// The version 3 config (containerd 2.x): the same settings as [`Self::config_toml_v2`]
-    /// under 2.x's plugin ids.
-    pub fn config_toml_v3(&self, dir: &Path) -> String {
+    /// The version 3 config (containerd 2.0–2.2): the same settings as
+    /// [`Self::config_toml_v2`] under 2.x's plugin ids; with `version` 4 (2.3+), the server
+    /// addresses are the `io.containerd.server.v1.*` plugins' (both set: version 4 no longer
+    /// derives the TTRPC address from the gRPC one).
+    pub fn config_toml_v3(&self, dir: &Path, version: u32) -> String {
         let mut t = String::new();
         let d = |p: &str| dir.join(p).display().to_string();
-        let _ = writeln!(t, "version = 3");
+        let _ = writeln!(t, "version = {version}");
         let _ = writeln!(t, "root = {:?}", d("root"));
         let _ = writeln!(t, "state = {:?}", d("state"));
         let _ = writeln!(t, "temp = {:?}", d("tmp"));
@@ -307,8 +324,21 @@ impl ContainerdBuilder {
             t,
             "disabled_plugins = [\"io.containerd.internal.v1.opt\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.erofs\", \"io.containerd.tracing.processor.v1.otlp\"]"
         );
-        let _ = writeln!(t, "[grpc]\n  address = {:?}", d("containerd.sock"));
-        let _ = writeln!(t, "[ttrpc]\n  address = {:?}", d("containerd.sock.ttrpc"));
+        if version >= 4 {
+            let _ = writeln!(
+                t,
+                "[plugins.'io.containerd.server.v1.grpc']\n  address = {:?}",
+                d("containerd.sock")
+            );
+            let _ = writeln!(
+                t,
+                "[plugins.'io.containerd.server.v1.ttrpc']\n  address = {:?}",
+                d("containerd.sock.ttrpc")
+            );
+        } else {
+            let _ = writeln!(t, "[grpc]\n  address = {:?}", d("containerd.sock"));
+            let _ = writeln!(t, "[ttrpc]\n  address = {:?}", d("containerd.sock.ttrpc"));
+        }
         let _ = writeln!(t, "[debug]\n  level = {:?}", self.log_level);
         // NRI (on by default in 2.x) listens on one socket per host: parallel containerds
         // would collide on it.
@@ -713,18 +743,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn major_versions_of_containerd() {
+    fn versions_of_containerd() {
         assert_eq!(
-            parse_major_version(
-                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n"
+            parse_version(
+                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u1\n"
             ),
-            Some(1)
+            Some((1, 6))
         );
         assert_eq!(
-            parse_major_version("containerd github.com/containerd/containerd/v2 v2.1.5 v2.1.5\n"),
-            Some(2)
+            parse_version("containerd github.com/containerd/containerd/v2 v2.1.5 v2.1.5\n"),
+            Some((2, 1))
         );
-        assert_eq!(parse_major_version("containerd\n"), None);
+        assert_eq!(
+            parse_version("containerd github.com/containerd/containerd/v2 2.1.9+unknown \n"),
+            Some((2, 1))
+        );
+        assert_eq!(parse_version("containerd\n"), None);
+        assert_eq!(config_version_for((1, 7)), 2);
+        assert_eq!(config_version_for((2, 2)), 3);
+        assert_eq!(config_version_for((2, 3)), 4);
+        assert_eq!(config_version_for((2, 4)), 4);
     }
 
     #[test]
@@ -745,6 +783,14 @@ mod tests {
         );
         assert!(t.contains("default_runtime_name = \"runc\""), "{t}");
         assert!(!t.contains("io.containerd.grpc.v1.cri\".containerd"), "{t}");
+        assert!(
+            t.contains("[grpc]\n  address = \"/tmp/c/containerd.sock\""),
+            "{t}"
+        );
+        let v4 = b.clone().config_version(4).config_toml(Path::new("/tmp/c"));
+        assert!(v4.starts_with("version = 4\n"), "{v4}");
+        assert!(!v4.contains("[grpc]") && !v4.contains("[ttrpc]"), "{v4}");
+        assert!(v4.contains("[plugins.'io.containerd.server.v1.ttrpc']\n  address = \"/tmp/c/containerd.sock.ttrpc\""), "{v4}");
         let v2 = b.config_version(2).config_toml(Path::new("/tmp/c"));
         assert!(
             v2.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"nixenv\"]"),

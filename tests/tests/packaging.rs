@@ -978,6 +978,27 @@ fn node_config_edits_containerd_configs_and_undoes_exactly_that() {
     assert_eq!(fs::read_to_string(n.config()).unwrap(), v3);
     assert!(!n.dropin().exists());
 
+    // Version 4 (containerd 2.3+): the same tables in a drop-in that says version 4 (a
+    // version-3 drop-in would be migrated, with a warning, at every start).
+    let n = NodeConfig::new();
+    let v4 =
+        "version = 4\n[plugins.\"io.containerd.server.v1.grpc\"]\n  address = \"/run/c.sock\"\n";
+    fs::write(n.config(), v4).unwrap();
+    n.run("install", none);
+    assert!(fs::read_to_string(n.config())
+        .unwrap()
+        .starts_with(&format!(
+            "version = 4\nimports = [\"{}\"]  # added by nixenv\n",
+            n.dropin().display()
+        )));
+    let dropin = fs::read_to_string(n.dropin()).unwrap();
+    assert!(dropin.contains("\nversion = 4\n"), "{dropin}");
+    assert!(!dropin.contains("version = 3"), "{dropin}");
+    assert!(dropin.contains("io.containerd.cri.v1.runtime\".containerd.runtimes.nixenv]"));
+    n.run("remove", none);
+    assert_eq!(fs::read_to_string(n.config()).unwrap(), v4);
+    assert!(!n.dropin().exists());
+
     // Version 3 with imports, edited by the operator after install: only nixenv's entry goes.
     let n = NodeConfig::new();
     fs::write(n.config(), "version = 3\nimports = [\"/x/*.toml\"]\n").unwrap();
@@ -1042,7 +1063,7 @@ fn node_config_edits_containerd_configs_and_undoes_exactly_that() {
     fs::write(n.config(), "[plugins.cri]\n  sandbox_image = \"p\"\n").unwrap();
     let log = n.run("install", real);
     assert!(
-        log.contains("nixenv needs version 2 or 3") && log.contains("containerd config migrate"),
+        log.contains("nixenv needs version 2, 3 or 4") && log.contains("containerd config migrate"),
         "{log}"
     );
     assert_eq!(

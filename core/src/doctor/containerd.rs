@@ -1,10 +1,14 @@
 //! containerd's configuration as containerd itself reads it: the main file, its `imports`
 //! (globs), and the merge rule of each config version (version 2, containerd 1.x: an imported
-//! file replaces a plugin's whole section; version 3, containerd 2.x: tables merge key by key).
+//! file replaces a plugin's whole section; version 3, containerd 2.0–2.2, and 4, 2.3+: tables
+//! merge key by key).
 
 use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
+
+/// Where config version 4 keeps the gRPC address (`[grpc]` before).
+const GRPC_SERVER_PLUGIN: &str = "io.containerd.server.v1.grpc";
 
 /// The CRI plugin that holds runtime handlers, per config version.
 pub fn cri_plugin(version: i64) -> &'static str {
@@ -165,9 +169,15 @@ impl ContainerdConfig {
             plugin_source: Vec::new(),
         };
         for (p, t) in &files {
+            // Version 4 (containerd 2.3+) moved `[grpc]` to its server plugin.
+            let v4 = t
+                .get("plugins")
+                .and_then(|p| p.get(GRPC_SERVER_PLUGIN))
+                .and_then(|g| g.get("address"));
             if let Some(a) = t
                 .get("grpc")
                 .and_then(|g| g.get("address"))
+                .or(v4)
                 .and_then(Value::as_str)
             {
                 cfg.address = Some(a.to_owned());
@@ -254,6 +264,12 @@ mod tests {
   pod_annotations = ["nix.dev/*"]
 "#;
 
+    const RT3: &str = r#"
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.nixenv]
+  runtime_type = "io.containerd.nixenv.v2"
+  pod_annotations = ["nix.dev/*"]
+"#;
+
     #[test]
     fn wildcards() {
         assert!(wildcard("nix.dev/*", "nix.dev/environment"));
@@ -317,6 +333,20 @@ mod tests {
         assert!(cfg.plugins["io.containerd.cri.v1.runtime"]
             .get("enable_selinux")
             .is_some());
+    }
+
+    #[test]
+    fn version4_reads_the_address_from_the_grpc_server_plugin() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "config.toml",
+            &format!("version = 4\n[plugins.\"io.containerd.server.v1.grpc\"]\naddress = \"/y.sock\"\n{RT3}"),
+        );
+        let cfg = ContainerdConfig::load(&p).unwrap();
+        assert_eq!(cfg.version, 4);
+        assert_eq!(cfg.address.as_deref(), Some("/y.sock"));
+        assert!(cfg.runtime("nixenv").is_some());
     }
 
     #[test]

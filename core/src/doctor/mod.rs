@@ -342,7 +342,7 @@ fn check_containerd<H: Host>(opts: &DoctorOptions, host: &H) -> (Finding, Option
         return (
             Finding::fail(
                 check,
-                format!("{where_}: nixenv needs config version 2 or 3"),
+                format!("{where_}: nixenv needs config version 2, 3 or 4"),
                 "migrate it: containerd config migrate > new.toml, then reinstall nixenv",
             ),
             Some(address),

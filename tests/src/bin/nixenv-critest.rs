@@ -596,16 +596,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         )
     })?;
     let containerd_bin = containerd::containerd_binary();
-    let major = containerd::major_version_of(&containerd_bin)?;
+    let config_version = containerd::config_version_for(containerd::version_of(&containerd_bin)?);
     let version = std::process::Command::new(&containerd_bin)
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    eprintln!(
-        "==> {version} (config version {})",
-        if major >= 2 { 3 } else { 2 }
-    );
+    eprintln!("==> {version} (config version {config_version})");
 
     let work = tempfile::Builder::new()
         .prefix("nixenv-critest-")
