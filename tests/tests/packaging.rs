@@ -166,7 +166,12 @@ impl MachineGuard {
             (b, mode)
         });
         let mut moved = Vec::new();
-        for p in ["/etc/containerd/conf.d", "/etc/nixenv", "/var/lib/nixenv"] {
+        for p in [
+            "/etc/containerd/conf.d",
+            "/etc/containerd/certs.d",
+            "/etc/nixenv",
+            "/var/lib/nixenv",
+        ] {
             let p = PathBuf::from(p);
             if p.exists() {
                 let aside = PathBuf::from(format!(
@@ -206,7 +211,12 @@ impl Drop for MachineGuard {
                 let _ = fs::remove_file(CONTAINERD_CONFIG);
             }
         }
-        for p in ["/etc/containerd/conf.d", "/etc/nixenv", "/var/lib/nixenv"] {
+        for p in [
+            "/etc/containerd/conf.d",
+            "/etc/containerd/certs.d",
+            "/etc/nixenv",
+            "/var/lib/nixenv",
+        ] {
             let _ = fs::remove_dir_all(p);
         }
         for (orig, aside) in &self.moved {
@@ -459,6 +469,14 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
         containerd.images().iter().any(|i| i == EMPTY_IMAGE),
         "postinst imported the empty image"
     );
+    // docker.io's first host is the node registry of the empty image, read through config_path.
+    let hosts = fs::read_to_string(DOCKER_IO_HOSTS).expect("postinst wrote docker.io's hosts.toml");
+    assert!(hosts.contains(NODE_REGISTRY_HOST), "{hosts}");
+    assert!(
+        after.contains("config_path = \"/etc/containerd/certs.d\""),
+        "{after}"
+    );
+    assert!(Path::new(REGISTRIES_DROPIN).is_file());
 
     // containerd reads the result: the nixenv runtime and the operator's own CRI settings.
     let dump = text(
@@ -586,6 +604,10 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
     );
     assert!(!Path::new("/usr/bin/nixenv").exists());
     assert!(
+        !Path::new("/etc/containerd/certs.d").exists(),
+        "prerm removed the hosts.toml (and dirs) it wrote"
+    );
+    assert!(
         !containerd.images().iter().any(|i| i == EMPTY_IMAGE),
         "prerm removed the image it imported"
     );
@@ -608,6 +630,10 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
     assert!(
         !Path::new("/etc/nixenv").exists(),
         "purge removes /etc/nixenv"
+    );
+    assert!(
+        !Path::new(REGISTRIES_DROPIN).exists(),
+        "purge removes the drop-in"
     );
     assert!(!dpkg_status().contains("installed") || dpkg_status().contains("not-installed"));
     drop(containerd);
@@ -948,6 +974,8 @@ impl NodeConfig {
 }
 
 const NODE_REGISTRY_HOST: &str = "[host.\"http://127.0.0.1:7475\"]";
+const DOCKER_IO_HOSTS: &str = "/etc/containerd/certs.d/docker.io/hosts.toml";
+const REGISTRIES_DROPIN: &str = "/etc/containers/registries.conf.d/50-nixenv-empty.conf";
 
 #[test]
 fn node_config_puts_the_node_registry_first_for_docker_io_and_undoes_exactly_that() {

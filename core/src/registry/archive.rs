@@ -213,25 +213,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn reference_names_split_into_repository_and_tag() {
-        assert_eq!(
-            split_ref("docker.io/library/empty:latest"),
-            Some(("library/empty".into(), "latest".into()))
-        );
-        assert_eq!(
-            split_ref("localhost:5000/a/b:1"),
-            Some(("a/b".into(), "1".into()))
-        );
-        assert_eq!(split_ref("empty:latest"), None);
-        assert_eq!(split_ref("docker.io/library/empty"), None);
-    }
-}
-
-#[cfg(test)]
-mod archive_tests {
     use super::super::testing::{empty_archive, tar_of};
     use super::*;
 
@@ -263,5 +244,19 @@ mod archive_tests {
         )
         .unwrap_err();
         assert!(matches!(err, ArchiveError::Digest { .. }), "{err}");
+    }
+
+    #[test]
+    fn reference_names_split_into_repository_and_tag() {
+        assert_eq!(
+            split_ref("docker.io/library/empty:latest"),
+            Some(("library/empty".into(), "latest".into()))
+        );
+        assert_eq!(
+            split_ref("localhost:5000/a/b:1"),
+            Some(("a/b".into(), "1".into()))
+        );
+        assert_eq!(split_ref("empty:latest"), None);
+        assert_eq!(split_ref("docker.io/library/empty"), None);
     }
 }
