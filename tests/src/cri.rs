@@ -26,6 +26,27 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1 as api;
 
+fn image_spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// The card's pod: handler `nixenv`, annotation `nix.dev/environment: acme/echoserver`.
+pub fn card_pod() -> PodSpec {
+    PodSpec::new("echoserver")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+}
+
+/// The card's container: `image: empty:latest`, `command: [echoserver]`, listening on `port`.
+pub fn card_container(port: u16) -> ContainerSpec {
+    ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string())
+}
+
 /// A pod sandbox to run: name, annotations, runtime handler, log directory.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
@@ -318,6 +339,24 @@ impl Cri {
         resp.into_inner()
             .status
             .ok_or_else(|| tonic::Status::not_found("no status"))
+    }
+
+    /// `PullImage` of `image` (as a kubelet with pull policy `Always`); the image's id.
+    pub async fn pull_image(&mut self, image: &str) -> Result<String, tonic::Status> {
+        let req = cri::PullImageRequest {
+            image: Some(image_spec(image)),
+            ..Default::default()
+        };
+        Ok(self.images.pull_image(req).await?.into_inner().image_ref)
+    }
+
+    /// `ImageStatus` of `image`: `None` when the runtime does not have it.
+    pub async fn image_status(&mut self, image: &str) -> Result<Option<cri::Image>, tonic::Status> {
+        let req = cri::ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        };
+        Ok(self.images.image_status(req).await?.into_inner().image)
     }
 
     /// `CreateContainer`; the error is the runtime's (e.g. nixenv's one-line error).

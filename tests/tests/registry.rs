@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
-use nixenv_testkit::cri::{api, ContainerSpec, Cri, PodSpec};
+use nixenv_testkit::cri::{card_container, card_pod, Cri};
 use nixenv_testkit::fixtures::echo;
 use nixenv_testkit::node_registry::{
     archive_manifest_digest, shipped_config, shipped_empty_archive, NodeRegistry,
@@ -20,33 +20,6 @@ use nixenv_testkit::{free_port, nixenv_bin, shim_bin, Cache, CacheServer, Served
 
 fn shim_dir() -> PathBuf {
     shim_bin().parent().expect("shim dir").to_path_buf()
-}
-
-async fn pull(cri: &mut Cri, image: &str) -> Result<String, tonic::Status> {
-    let req = api::PullImageRequest {
-        image: Some(api::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Ok(cri.images.pull_image(req).await?.into_inner().image_ref)
-}
-
-async fn image_status(cri: &mut Cri, image: &str) -> Option<api::Image> {
-    let req = api::ImageStatusRequest {
-        image: Some(api::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-        verbose: false,
-    };
-    cri.images
-        .image_status(req)
-        .await
-        .expect("ImageStatus")
-        .into_inner()
-        .image
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,16 +46,18 @@ async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
         .start()
         .expect("start containerd");
     let mut cri = Cri::connect(c.address()).await.unwrap();
-    assert!(image_status(&mut cri, "empty:latest").await.is_none());
+    assert!(cri.image_status("empty:latest").await.unwrap().is_none());
 
     // What the kubelet does for `image: empty:latest` (policy Always), twice: the node has it.
     for _ in 0..2 {
-        let id = match pull(&mut cri, "empty:latest").await {
+        let id = match cri.pull_image("empty:latest").await {
             Ok(id) => id,
             Err(e) => panic!("PullImage empty:latest: {}\n{}", e.message(), c.log()),
         };
-        let image = image_status(&mut cri, "empty:latest")
+        let image = cri
+            .image_status("empty:latest")
             .await
+            .unwrap()
             .expect("ImageStatus shows the pulled image");
         assert_eq!(image.id, id);
         assert!(
@@ -105,33 +80,35 @@ async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
         hub.request_log()
     );
     // The versioned, digest-pinned name resolves on the node too.
-    pull(&mut cri, &format!("empty@{manifest}"))
+    cri.pull_image(&format!("empty@{manifest}"))
         .await
         .unwrap_or_else(|e| panic!("pull by digest: {}", e.message()));
 
     // The card's pod runs from what was pulled.
     let port = free_port();
-    let pod = PodSpec::new("echoserver")
-        .handler("nixenv")
-        .annotation("nix.dev/environment", "acme/echoserver");
+    let pod = card_pod();
     let pod_id = cri.run_pod(&pod).await.expect("run pod");
-    let spec = ContainerSpec::new("echoserver", "empty:latest")
-        .command(&["echoserver"])
-        .env("PORT", &port.to_string());
-    let id = match cri.create_container(&pod_id, &pod, &spec).await {
-        Ok(id) => id,
-        Err(e) => panic!("create: {}\n{}", e.message(), c.log()),
+    let started = async {
+        let id = cri
+            .create_container(&pod_id, &pod, &card_container(port))
+            .await?;
+        cri.start_container(&id).await.map(|()| id)
     };
-    cri.start_container(&id).await.expect("start");
-    let reply =
-        echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).expect("echoserver answers");
-    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    let id = started
+        .await
+        .unwrap_or_else(|e| panic!("the card's container: {}\n{}", e.message(), c.log()));
+    let answer = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(20));
+    assert_eq!(
+        answer.expect("echoserver answers").message.as_deref(),
+        Some("hello from nix")
+    );
     cri.stop_container(&id, 10).await.unwrap();
     cri.remove_container(&id).await.unwrap();
     cri.delete_pod(&pod_id).await.unwrap();
 
     // Any other docker.io image falls through to the next host: the registry itself.
-    let err = pull(&mut cri, "busybox:nixenv-test")
+    let err = cri
+        .pull_image("busybox:nixenv-test")
         .await
         .expect_err("the stand-in hub has no busybox");
     assert!(
