@@ -9,6 +9,8 @@
 //! adapter over it, and [`error`] the only place that chooses a ttrpc code.
 
 mod bootstrap;
+mod cgroup_path;
+mod cgroups;
 mod container;
 mod error;
 mod events;

@@ -415,6 +415,22 @@ impl Cri {
             .ok_or_else(|| tonic::Status::not_found("no stats"))
     }
 
+    /// `UpdateContainerResources` (an in-place pod resize): the container's new Linux limits.
+    pub async fn update_container_resources(
+        &mut self,
+        id: &str,
+        linux: cri::LinuxContainerResources,
+    ) -> Result<(), tonic::Status> {
+        self.runtime
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.to_owned(),
+                linux: Some(linux),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Polls `ContainerStatus` until the container has exited (or `timeout`).
     pub async fn wait_exited(
         &mut self,

@@ -894,3 +894,198 @@ async fn a_shim_killed_mid_download_leaves_no_helper_and_no_pin() {
     remove_pod(&mut cri, &pod_id).await;
     c.assert_clean().await;
 }
+
+/// Runs `ctr` with `args`: its stdout, or its failure with stderr.
+fn ctr(c: &Containerd, args: &[&str]) -> Result<String, String> {
+    let out = c.ctr().args(args).output().expect("run ctr");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "ctr {args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Task `id`'s line in `ctr task ls`: its init's pid and status.
+fn task_line(c: &Containerd, id: &str) -> Option<(i32, String)> {
+    let list = ctr(c, &["task", "ls"]).expect("task ls");
+    list.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[1].parse().unwrap_or(0), f[2].to_owned()))
+    })
+}
+
+/// The memory usage in `ctr task metrics --format json` (cgroup v1 or v2 metrics).
+fn task_memory_usage(c: &Containerd, id: &str) -> Result<u64, String> {
+    let out = ctr(c, &["task", "metrics", "--format", "json", id])?;
+    let m: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    m.pointer("/memory/usage/usage")
+        .or_else(|| m.pointer("/memory/usage"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| format!("no memory usage in {out}"))
+}
+
+/// Runs a container on `runtime` that writes 8 MiB to its rootfs (they stay charged to its
+/// memory cgroup as page cache after its processes are gone), SIGKILLs it, and checks
+/// `ctr task metrics` while it runs, after the kill, and after the task is deleted. `shim`:
+/// the shim binary `runtime` names.
+async fn metrics_until_delete(c: &Containerd, runtime: &str, shim: &str, id: &str) {
+    ctr(
+        c,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            BUSYBOX,
+            id,
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/written bs=1M count=8 && exec sleep 1000",
+        ],
+    )
+    .expect("ctr run");
+    let shims = c.shim_pids();
+    assert_eq!(shims.len(), 1);
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", shims[0])).unwrap();
+    assert!(cmdline.contains(shim), "{cmdline}");
+    wait_for("dd's 8 MiB in the metrics", Duration::from_secs(20), || {
+        task_memory_usage(c, id).is_ok_and(|u| u >= 8 << 20)
+    })
+    .await;
+
+    ctr(c, &["task", "kill", "-s", "SIGKILL", id]).expect("kill");
+    wait_for("the task to stop", Duration::from_secs(10), || {
+        task_line(c, id).is_some_and(|(_, status)| status == "STOPPED")
+    })
+    .await;
+    let usage = task_memory_usage(c, id)
+        .unwrap_or_else(|e| panic!("{runtime}: metrics after the init was killed: {e}"));
+    assert!(usage > 0, "{runtime}: memory usage after the exit: {usage}");
+
+    ctr(c, &["task", "delete", id]).expect("task delete");
+    let gone = task_memory_usage(c, id).expect_err("metrics after delete");
+    assert!(gone.contains("not found"), "{gone}");
+    ctr(c, &["container", "rm", id]).expect("container rm");
+}
+
+/// containerd 2.3+ asks a task's Stats, after its init exited 137, whether that was an OOM
+/// kill: the nixenv shim answers from the container's cgroup until the task is deleted, as
+/// containerd's runc shim does (before, it answered NOT_FOUND once the init was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_a_killed_container_last_until_its_task_is_deleted() {
+    let c = containerd(None);
+    let runc = ("io.containerd.runc.v2", "containerd-shim-runc-v2");
+    let nixenv = ("io.containerd.nixenv.v2", "containerd-shim-nixenv-v2");
+    for (i, (runtime, shim)) in [runc, nixenv].into_iter().enumerate() {
+        metrics_until_delete(&c, runtime, shim, &format!("killed-{i}")).await;
+        c.assert_clean().await;
+    }
+}
+
+/// The directory of `pid`'s cgroup for v1 controller `controller` (on a cgroup v2 host, its
+/// unified directory).
+fn cgroup_dir(pid: i32, controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let unified = root.join("cgroup.controllers").exists();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .find_map(|line| {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let ours = if unified {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == controller)
+            };
+            let dir = if unified {
+                root.to_owned()
+            } else {
+                root.join(controller)
+            };
+            ours.then(|| dir.join(path.trim_start_matches('/')))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"))
+}
+
+/// `file` in `dir`, trimmed.
+fn read_trimmed(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+        .trim()
+        .to_owned()
+}
+
+/// An in-place pod resize (CRI UpdateContainerResources, then the shim's Update, then `runc
+/// update`) changes the container's cgroup limits, and ContainerStats (what `kubectl top`
+/// reads) reports its memory working set and CPU time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_reaches_the_cgroup_and_stats_report_usage() {
+    use nixenv_testkit::cri::api::LinuxContainerResources;
+    let c = containerd(None);
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let pod = PodSpec::new("resize").handler("nixenv");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("main", BUSYBOX).command(&[
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/written bs=1M count=8; while true; do sleep 0.1; done",
+    ]);
+    let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    cri.start_container(&id).await.expect("start");
+    let (pid, _) = task_line(&c, &id).expect("the task");
+    let memory = cgroup_dir(pid, "memory");
+    let cpu = cgroup_dir(pid, "cpu");
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let (limit_file, quota_file) = if unified {
+        ("memory.max", "cpu.max")
+    } else {
+        ("memory.limit_in_bytes", "cpu.cfs_quota_us")
+    };
+    let limit = (128 << 20).to_string();
+    assert_ne!(read_trimmed(&memory, limit_file), limit, "no limit yet");
+    assert!(!read_trimmed(&cpu, quota_file).starts_with("50000"));
+
+    cri.update_container_resources(
+        &id,
+        LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpu_shares: 512,
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("update container resources");
+    assert_eq!(read_trimmed(&memory, limit_file), limit);
+    if unified {
+        assert_eq!(read_trimmed(&cpu, "cpu.max"), "50000 100000");
+    } else {
+        assert_eq!(read_trimmed(&cpu, "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read_trimmed(&cpu, "cpu.cfs_period_us"), "100000");
+        assert_eq!(read_trimmed(&cpu, "cpu.shares"), "512");
+    }
+
+    let stats = cri.container_stats(&id).await.expect("stats");
+    let working_set = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    let cpu_time = stats
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(working_set > 0, "working set {working_set}");
+    assert!(cpu_time > 0, "cpu time {cpu_time}");
+
+    cri.stop_container(&id, 0).await.expect("stop");
+    cri.remove_container(&id).await.expect("remove");
+    cri.delete_pod(&pod_id).await.expect("delete pod");
+    c.assert_clean().await;
+}
