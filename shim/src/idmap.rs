@@ -473,7 +473,7 @@ mod tests {
         }];
         let userns = user_namespace(&map, &map).unwrap();
         let scratch = dir.path().join("scratch");
-        let clones = clone_lowers(&[layer.clone()], &scratch, &userns).unwrap();
+        let clones = clone_lowers(std::slice::from_ref(&layer), &scratch, &userns).unwrap();
         // Host uid 0 on disk is seen through the clone as the namespace's 0: host 65536.
         let meta = std::fs::metadata(clones[0].join("file")).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (65536, 65536));

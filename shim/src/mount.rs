@@ -30,7 +30,7 @@ pub enum MountError {
         source_path: String,
         target: PathBuf,
         #[source]
-        source: IdmapError,
+        source: Box<IdmapError>,
     },
     #[error("unmount {target}: {source}")]
     Unmount {
@@ -66,7 +66,7 @@ async fn mount_one(m: &Mount, rootfs: &Path) -> Result<(), MountError> {
         kind: m.type_.clone(),
         source_path: m.source.clone(),
         target: rootfs.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let Some(req) = idmap::parse_options(&m.options).map_err(idmap_err)? else {
         return plain_mount(m, rootfs).await;

@@ -508,6 +508,50 @@ async fn user_namespaced_pod_sees_its_closure_owned_by_its_root() {
     c.assert_clean().await;
 }
 
+/// The same pod where runc cannot idmap (runc 1.1: Debian trixie's, with containerd 1.7,
+/// which has user namespaces in CRI): the container fails to start with one line naming the
+/// environment and the cause, instead of running with a store owned by `nobody`. Skipped, with
+/// the reason, where containerd has no user namespaces (1.6) or runc can idmap (1.2+).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_pod_on_a_runc_without_idmap_fails_in_one_line() {
+    let features = std::process::Command::new("runc")
+        .arg("features")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if nixenv_core::spec::idmap::features_idmap(&features).unwrap_or(false) {
+        eprintln!("skipped: this runc makes idmapped mounts (user_namespaced_pod_sees_its_closure_owned_by_its_root covers it)");
+        return;
+    }
+    let env = nix_env();
+    let net = LoopbackNetwork::new().unwrap();
+    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let version = cri.version().await.unwrap().runtime_version;
+    if version.trim_start_matches('v').starts_with("1.6") {
+        eprintln!("skipped: containerd {version} has no user namespaces in CRI (userns_options); run tests/matrix trixie");
+        return;
+    }
+    let pod = PodSpec::new("userns-old-runc")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+        .user_namespace(65536, 65536);
+    let pod_id = match cri.run_pod(&pod).await {
+        Ok(id) => id,
+        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
+    };
+    let spec = ContainerSpec::new("echoserver", "empty:latest").command(&["echoserver"]);
+    let err = match cri.create_container(&pod_id, &pod, &spec).await {
+        Ok(id) => cri.start_container(&id).await.expect_err("the start fails"),
+        Err(e) => e,
+    };
+    let line = "acme/echoserver: the pod has a user namespace but runc cannot make idmapped mounts (`runc features` reports no linux.mountExtensions.idmap; runc 1.2 or newer can), so the store would appear owned by nobody";
+    assert!(err.message().contains(line), "{}", err.message());
+    assert!(env.node.pins().is_empty(), "nothing pinned");
+    remove_pod(&mut cri, &pod_id).await;
+    c.assert_clean().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_fail_create_with_one_line() {
     // One attempt per request: the unreachable cache below fails at once.
