@@ -377,6 +377,25 @@ impl Cri {
         Ok(resp.into_inner().container_id)
     }
 
+    /// `CreateContainer` then `StartContainer`, as a test that needs the container running does:
+    /// panics on either failure with the runtime's message and `log()` (the containerd log).
+    pub async fn create_and_start(
+        &mut self,
+        pod_id: &str,
+        pod: &PodSpec,
+        spec: &ContainerSpec,
+        log: impl Fn() -> String,
+    ) -> String {
+        let id = match self.create_container(pod_id, pod, spec).await {
+            Ok(id) => id,
+            Err(e) => panic!("create: {}\n{}", e.message(), log()),
+        };
+        if let Err(e) = self.start_container(&id).await {
+            panic!("start: {}\n{}", e.message(), log());
+        }
+        id
+    }
+
     /// `StartContainer`.
     pub async fn start_container(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.runtime

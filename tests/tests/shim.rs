@@ -11,7 +11,7 @@ use std::time::Duration;
 use nixenv_testkit::cni::LoopbackNetwork;
 use nixenv_testkit::containerd::{self, Containerd, ContainerdBuilder, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
-use nixenv_testkit::fixtures::{echo, store_path_base, EchoReply};
+use nixenv_testkit::fixtures::{echo, EchoReply};
 use nixenv_testkit::{
     free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
 };
@@ -320,12 +320,7 @@ async fn mission_pod_serves_from_its_closure() {
         path.starts_with(&format!("{}/bin:{}/bin", fx.echoserver, fx.busybox)),
         "PATH {path}"
     );
-    let mut want: Vec<String> = fx
-        .echoserver_closure()
-        .iter()
-        .map(|p| store_path_base(p).to_owned())
-        .collect();
-    want.sort();
+    let want = fx.echoserver_store_listing();
     assert_eq!(
         reply.store,
         Some(want.clone()),
@@ -373,6 +368,28 @@ async fn mission_pod_serves_from_its_closure() {
     c.assert_clean().await;
 }
 
+/// containerd for user-namespaced pods of `env`'s node: the pods' network is the loopback-only
+/// CNI network (kept alive by the first value).
+async fn userns_containerd(env: &ServedNode) -> (LoopbackNetwork, Containerd, Cri) {
+    let net = LoopbackNetwork::new().unwrap();
+    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
+    let cri = Cri::connect(c.address()).await.unwrap();
+    (net, c, cri)
+}
+
+/// A running pod `name` of `acme/echoserver` on the nixenv handler, in its own user namespace
+/// (container 0 is host 65536).
+async fn userns_pod(cri: &mut Cri, c: &Containerd, name: &str) -> (PodSpec, String) {
+    let pod = PodSpec::new(name)
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+        .user_namespace(65536, 65536);
+    match cri.run_pod(&pod).await {
+        Ok(id) => (pod, id),
+        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
+    }
+}
+
 /// `sh -c script` in container `id`, which must succeed: its standard output.
 async fn sh_ok(cri: &mut Cri, id: &str, script: &str) -> String {
     let r = cri
@@ -402,28 +419,13 @@ async fn user_namespaced_pod_sees_its_closure_owned_by_its_root() {
     }
     let fx = Fixtures::get();
     let env = nix_env();
-    let net = LoopbackNetwork::new().unwrap();
-    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
-    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
     let port = free_port();
-    let pod = PodSpec::new("userns")
-        .handler("nixenv")
-        .annotation("nix.dev/environment", "acme/echoserver")
-        .user_namespace(65536, 65536);
-    let pod_id = match cri.run_pod(&pod).await {
-        Ok(id) => id,
-        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
-    };
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns").await;
     let spec = ContainerSpec::new("echoserver", "empty:latest")
         .command(&["echoserver"])
         .env("PORT", &port.to_string());
-    let id = match cri.create_container(&pod_id, &pod, &spec).await {
-        Ok(id) => id,
-        Err(e) => panic!("create: {}\n{}", e.message(), c.log()),
-    };
-    if let Err(e) = cri.start_container(&id).await {
-        panic!("start: {}\n{}", e.message(), c.log());
-    }
+    let id = cri.create_and_start(&pod_id, &pod, &spec, || c.log()).await;
 
     // The container is user-namespaced: its root is host uid 65536.
     let uid_map = sh_ok(&mut cri, &id, "cat /proc/self/uid_map").await;
@@ -454,12 +456,7 @@ async fn user_namespaced_pod_sees_its_closure_owned_by_its_root() {
         serde_json::from_str(&reply.expect("echoserver answers in the pod")).unwrap();
     assert_eq!(reply.message.as_deref(), Some("hello from nix"));
     assert_eq!((reply.uid, reply.gid), (0, 0));
-    let mut want: Vec<String> = fx
-        .echoserver_closure()
-        .iter()
-        .map(|p| store_path_base(p).to_owned())
-        .collect();
-    want.sort();
+    let want = fx.echoserver_store_listing();
     assert_eq!(reply.store, Some(want), "only the closure under /nix/store");
 
     // Every closure path, and what is in it, is the container root's (not nobody's), and
@@ -524,22 +521,13 @@ async fn user_namespaced_pod_on_a_runc_without_idmap_fails_in_one_line() {
         return;
     }
     let env = nix_env();
-    let net = LoopbackNetwork::new().unwrap();
-    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
-    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
     let version = cri.version().await.unwrap().runtime_version;
     if version.trim_start_matches('v').starts_with("1.6") {
         eprintln!("skipped: containerd {version} has no user namespaces in CRI (userns_options); run tests/matrix trixie");
         return;
     }
-    let pod = PodSpec::new("userns-old-runc")
-        .handler("nixenv")
-        .annotation("nix.dev/environment", "acme/echoserver")
-        .user_namespace(65536, 65536);
-    let pod_id = match cri.run_pod(&pod).await {
-        Ok(id) => id,
-        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
-    };
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns-old-runc").await;
     let spec = ContainerSpec::new("echoserver", "empty:latest").command(&["echoserver"]);
     let err = match cri.create_container(&pod_id, &pod, &spec).await {
         Ok(id) => cri.start_container(&id).await.expect_err("the start fails"),
