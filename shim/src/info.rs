@@ -7,8 +7,10 @@
 //! `features.Features` ([`FEATURES_TYPE_URL`]). Kubelets read it, through containerd, to decide
 //! whether the handler can run user-namespaced pods (`linux.namespaces` with `user`,
 //! `linux.mountExtensions.idmap.enabled`). The features are runc's unchanged: nixenv's spec
-//! rewrite only adds read-only bind mounts and environment, which every runc supports, and takes
-//! nothing away that a feature would promise.
+//! rewrite only adds read-only bind mounts and environment, which every runc supports (in a
+//! user-namespaced pod the binds are idmapped: exactly `mountExtensions.idmap`, which runc
+//! reports, and without which the rewrite refuses the container), and takes nothing away that a
+//! feature would promise.
 //!
 //! A runc without `features` (older than 1.1) gives an answer without features, as on
 //! containerd's runc shim; that is logged, not an error.

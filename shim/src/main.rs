@@ -21,6 +21,7 @@ mod container;
 mod error;
 mod events;
 mod helper;
+mod idmap;
 mod info;
 mod io;
 mod logging;
