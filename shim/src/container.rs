@@ -11,6 +11,7 @@ use containerd_shim::protos::api::Mount;
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use runc::Runc;
 
+use crate::cgroups::{spec_cgroups_path, CgroupFs, Cgroups};
 use crate::helper::EnvChange;
 
 use crate::io::{ConsoleSocket, IoError, ProcessIo, RuncStdio, StdioPaths};
@@ -88,6 +89,8 @@ pub struct Container {
     pub bundle: PathBuf,
     runc: Runc,
     pub init: Arc<Process>,
+    /// Its cgroups, found right after `runc create` and kept until Delete.
+    pub cgroups: Option<Cgroups>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     env_overlay: Mutex<EnvOverlay>,
 }
@@ -259,11 +262,22 @@ impl Container {
             let _ = mount::unmount_all(&rootfs);
             return Err(e);
         }
+        let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok())
+            .unwrap_or_default();
+        let cgroups = CgroupFs::host().of_container(
+            &req.id,
+            init.pid(),
+            spec_cgroups_path(&spec),
+            opts.systemd_cgroup,
+        );
         Ok(Container {
             id: req.id.clone(),
             bundle,
             runc,
             init,
+            cgroups,
             execs: Mutex::new(HashMap::new()),
             env_overlay: Mutex::new(EnvOverlay::default()),
         })

@@ -24,8 +24,8 @@ pub enum TaskError {
     AlreadyExists { id: String },
     #[error("container {id} is stopped")]
     Stopped { id: String },
-    #[error("container {id} is not running")]
-    NotRunning { id: String },
+    #[error("cgroup of container {id} does not exist")]
+    NoCgroup { id: String },
     #[error("exec spec: {source}")]
     ExecSpec {
         #[source]
@@ -53,7 +53,7 @@ impl TaskError {
     /// The ttrpc code containerd gets.
     pub fn code(&self) -> Code {
         match self {
-            TaskError::NotFound { .. } | TaskError::NotRunning { .. } => Code::NOT_FOUND,
+            TaskError::NotFound { .. } | TaskError::NoCgroup { .. } => Code::NOT_FOUND,
             TaskError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
             TaskError::Stopped { .. } => Code::FAILED_PRECONDITION,
             TaskError::ExecSpec { .. } | TaskError::NoExecSpec => Code::INVALID_ARGUMENT,
@@ -192,8 +192,11 @@ mod tests {
             (Code::NOT_FOUND, "container c1 not found".into())
         );
         assert_eq!(
-            status(TaskError::NotRunning { id: id() }).0,
-            Code::NOT_FOUND
+            status(TaskError::NoCgroup { id: id() }),
+            (
+                Code::NOT_FOUND,
+                "cgroup of container c1 does not exist".into()
+            )
         );
         assert_eq!(
             status(TaskError::AlreadyExists { id: id() }),

@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::stats::{cgroups_of, parse_flat_keyed, Cgroups};
+use crate::cgroups::Cgroups;
+use crate::stats::parse_flat_keyed;
 
 /// How often the counter is read.
 const INTERVAL: Duration = Duration::from_millis(500);
 
-/// The file holding `oom_kill` for `pid`'s memory cgroup.
-fn counter_file(pid: u32) -> Option<PathBuf> {
-    match cgroups_of(pid).ok()? {
+/// The file holding `oom_kill` for the memory cgroup of `cgroups`.
+fn counter_file(cgroups: &Cgroups) -> Option<PathBuf> {
+    match cgroups {
         Cgroups::V1(dirs) => dirs.get("memory").map(|d| d.join("memory.oom_control")),
         Cgroups::V2(dir) => Some(dir.join("memory.events")),
     }
@@ -41,14 +42,14 @@ impl OomWatch {
     }
 }
 
-/// Calls `on_oom` for each new OOM kill in `pid`'s memory cgroup until the cgroup is gone or
-/// the watch is finished.
-pub fn watch<F, Fut>(pid: u32, on_oom: F) -> Option<OomWatch>
+/// Calls `on_oom` for each new OOM kill in the memory cgroup of `cgroups` until the cgroup is
+/// gone or the watch is finished.
+pub fn watch<F, Fut>(cgroups: &Cgroups, on_oom: F) -> Option<OomWatch>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    let file = counter_file(pid)?;
+    let file = counter_file(cgroups)?;
     let seen = Arc::new(AtomicU64::new(oom_kills(&file)?));
     let task = tokio::spawn({
         let file = file.clone();

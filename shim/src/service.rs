@@ -196,8 +196,7 @@ impl<H: Prepare, W: Wait + Clone> Task for Adapter<H, W> {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let pid = self.tasks.running_pid(&req.id)?;
-        let stats = crate::stats::collect(pid).map_err(TaskError::from)?;
+        let stats = self.tasks.stats(&req.id)?;
         Ok(StatsResponse {
             stats: Some(stats).into(),
             ..Default::default()

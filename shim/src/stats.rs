@@ -1,6 +1,8 @@
-//! Task Stats: the cgroup metrics of a container's init process, as containerd expects them
+//! Task Stats: the metrics of a container's cgroups, as containerd expects them
 //! (`io.containerd.cgroups.v1.Metrics` on cgroup v1 and hybrid hosts,
-//! `io.containerd.cgroups.v2.Metrics` on the unified hierarchy).
+//! `io.containerd.cgroups.v2.Metrics` on the unified hierarchy). A cgroup removed under the
+//! shim gives what containerd's runc shim gives: on v1 the controllers whose directories are
+//! left (none: empty metrics), on v2 an error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,77 +12,20 @@ use containerd_shim::protos::cgroups_v2::metrics as v2;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 
+use crate::cgroups::Cgroups;
+
 /// The cgroup v1 metrics type URL.
 pub const V1_TYPE_URL: &str = "io.containerd.cgroups.v1.Metrics";
 /// The cgroup v2 metrics type URL.
 pub const V2_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-
 /// Why metrics could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
-    #[error("read cgroups of pid {pid}: {source}")]
-    Proc {
-        pid: u32,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cgroup {dir} does not exist")]
+    Gone { dir: PathBuf },
     #[error("encode metrics: {0}")]
     Encode(#[from] containerd_shim::protos::protobuf::Error),
-}
-
-/// Where a process's cgroups are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cgroups {
-    /// The unified hierarchy: one directory.
-    V2(PathBuf),
-    /// Per controller directories (a hybrid host counts as v1: controllers live there).
-    V1(HashMap<String, PathBuf>),
-}
-
-/// Parses `/proc/<pid>/cgroup` against the cgroup root.
-pub fn parse_proc_cgroup(text: &str, root: &Path, unified_only: bool) -> Cgroups {
-    let mut v1 = HashMap::new();
-    let mut unified = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let rel = path.trim_start_matches('/');
-        if controllers.is_empty() {
-            unified = Some(rel.to_owned());
-            continue;
-        }
-        for c in controllers.split(',') {
-            let c = c.trim_start_matches("name=");
-            let joined = root.join(controllers.replace("name=", "")).join(rel);
-            let dir = if joined.exists() {
-                joined
-            } else {
-                root.join(c).join(rel)
-            };
-            v1.insert(c.to_owned(), dir);
-        }
-    }
-    if unified_only || v1.is_empty() {
-        return Cgroups::V2(root.join(unified.unwrap_or_default()));
-    }
-    Cgroups::V1(v1)
-}
-
-/// The cgroups of `pid`.
-pub fn cgroups_of(pid: u32) -> Result<Cgroups, StatsError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|source| StatsError::Proc { pid, source })?;
-    let unified_only = Path::new(CGROUP_ROOT).join("cgroup.controllers").exists();
-    Ok(parse_proc_cgroup(
-        &text,
-        Path::new(CGROUP_ROOT),
-        unified_only,
-    ))
 }
 
 fn read_u64(path: &Path) -> u64 {
@@ -114,8 +59,13 @@ fn read_keyed(path: &Path) -> HashMap<String, u64> {
         .unwrap_or_default()
 }
 
-/// cgroup v1 metrics from per-controller directories.
+/// cgroup v1 metrics from per-controller directories (those that exist).
 pub fn metrics_v1(dirs: &HashMap<String, PathBuf>) -> v1::Metrics {
+    let dirs: HashMap<&str, &PathBuf> = dirs
+        .iter()
+        .filter(|(_, d)| d.is_dir())
+        .map(|(c, d)| (c.as_str(), d))
+        .collect();
     let mut m = v1::Metrics::new();
     if let Some(d) = dirs.get("pids") {
         m.pids = Some(v1::PidsStat {
@@ -286,11 +236,14 @@ pub fn metrics_v2(d: &Path) -> v2::Metrics {
     m
 }
 
-/// The metrics of `pid`'s cgroups, packed for a Stats response.
-pub fn collect(pid: u32) -> Result<Any, StatsError> {
-    let (type_url, value) = match cgroups_of(pid)? {
-        Cgroups::V1(dirs) => (V1_TYPE_URL, metrics_v1(&dirs).write_to_bytes()?),
-        Cgroups::V2(dir) => (V2_TYPE_URL, metrics_v2(&dir).write_to_bytes()?),
+/// The metrics of `cgroups`, packed for a Stats response.
+pub fn collect(cgroups: &Cgroups) -> Result<Any, StatsError> {
+    let (type_url, value) = match cgroups {
+        Cgroups::V1(dirs) => (V1_TYPE_URL, metrics_v1(dirs).write_to_bytes()?),
+        Cgroups::V2(dir) if !dir.join("cgroup.controllers").exists() => {
+            return Err(StatsError::Gone { dir: dir.clone() })
+        }
+        Cgroups::V2(dir) => (V2_TYPE_URL, metrics_v2(dir).write_to_bytes()?),
     };
     Ok(Any {
         type_url: type_url.to_owned(),
@@ -302,28 +255,6 @@ pub fn collect(pid: u32) -> Result<Any, StatsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hybrid_proc_cgroup_is_v1() {
-        let text = "9:name=systemd:/\n4:memory:/k8s.io/abc\n2:cpu,cpuacct:/k8s.io/abc\n0::/\n";
-        let Cgroups::V1(dirs) = parse_proc_cgroup(text, Path::new("/nonexistent"), false) else {
-            panic!("expected v1")
-        };
-        assert_eq!(dirs["memory"], Path::new("/nonexistent/memory/k8s.io/abc"));
-        assert_eq!(
-            dirs["cpuacct"],
-            Path::new("/nonexistent/cpuacct/k8s.io/abc")
-        );
-    }
-
-    #[test]
-    fn unified_proc_cgroup_is_v2() {
-        let text = "0::/kubepods/pod1/abc\n";
-        assert_eq!(
-            parse_proc_cgroup(text, Path::new("/sys/fs/cgroup"), true),
-            Cgroups::V2(PathBuf::from("/sys/fs/cgroup/kubepods/pod1/abc"))
-        );
-    }
 
     #[test]
     fn v2_metrics_from_files() {
@@ -348,7 +279,63 @@ mod tests {
 
     #[test]
     fn own_cgroups_give_metrics() {
-        let any = collect(std::process::id()).unwrap();
+        let cgroups = crate::cgroups::CgroupFs::host()
+            .of_pid(std::process::id())
+            .unwrap();
+        let any = collect(&cgroups).unwrap();
         assert!(any.type_url == V1_TYPE_URL || any.type_url == V2_TYPE_URL);
+    }
+
+    /// Directory `rel` under `root`, with `files` (name, content) in it.
+    fn cgroup_dir(root: &Path, rel: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = root.join(rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn v1_metrics_come_from_the_controllers_left() {
+        let d = tempfile::tempdir().unwrap();
+        let files = [
+            ("memory.usage_in_bytes", "8192\n"),
+            ("memory.oom_control", "oom_kill 1\n"),
+        ];
+        cgroup_dir(d.path(), "memory/k8s.io/abc", &files);
+        let dirs: HashMap<String, PathBuf> = ["memory", "cpuacct", "pids"]
+            .iter()
+            .map(|c| (c.to_string(), d.path().join(c).join("k8s.io/abc")))
+            .collect();
+        let any = collect(&Cgroups::V1(dirs.clone())).unwrap();
+        assert_eq!(any.type_url, V1_TYPE_URL);
+        let m = v1::Metrics::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(m.memory.usage.usage, 8192);
+        assert_eq!(m.memory_oom_control.oom_kill, 1);
+        assert!(m.cpu.is_none() && m.pids.is_none(), "{m:?}");
+
+        // Every directory removed (as containerd's runc shim answers then): empty metrics.
+        std::fs::remove_dir_all(d.path().join("memory")).unwrap();
+        let any = collect(&Cgroups::V1(dirs)).unwrap();
+        let m = v1::Metrics::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(m, v1::Metrics::new());
+    }
+
+    #[test]
+    fn a_removed_v2_cgroup_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = cgroup_dir(d.path(), "kubepods/abc", &[("memory.current", "4096\n")]);
+        // A v2 cgroup directory always has this file.
+        std::fs::write(dir.join("cgroup.controllers"), "memory\n").unwrap();
+        let any = collect(&Cgroups::V2(dir.clone())).unwrap();
+        let m = v2::Metrics::parse_from_bytes(&any.value).unwrap();
+        assert_eq!((any.type_url.as_str(), m.memory.usage), (V2_TYPE_URL, 4096));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = collect(&Cgroups::V2(dir.clone())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("cgroup {} does not exist", dir.display())
+        );
     }
 }

@@ -19,10 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::ExitSignal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cgroups::Cgroups;
 use crate::container::{Container, CreateTask, EnvOverlay, RuntimeContext};
 use crate::error::TaskError;
 use crate::events::Events;
@@ -253,13 +255,14 @@ impl<H: Prepare, W: Wait + Clone> Tasks<H, W> {
 
     /// Watches a started process: on exit, drains its output, records the exit and tells
     /// containerd.
-    fn watch_exit(&self, p: Arc<Process>) {
+    /// The init (`cgroups`: its container's) also has its OOM kills watched.
+    fn watch_exit(&self, p: Arc<Process>, cgroups: Option<&Cgroups>) {
         let pid = p.pid();
         let inner = self.inner.clone();
-        let oom = if p.exec_id.is_empty() {
+        let oom = if let Some(cgroups) = cgroups {
             let inner = inner.clone();
             let id = p.container_id.clone();
-            crate::oom::watch(pid, move || {
+            crate::oom::watch(cgroups, move || {
                 let inner = inner.clone();
                 let id = id.clone();
                 async move {
@@ -390,7 +393,7 @@ impl<H: Prepare, W: Wait + Clone> Tasks<H, W> {
         self.inner
             .containers()
             .insert(id.clone(), container.clone());
-        self.watch_exit(container.init.clone());
+        self.watch_exit(container.init.clone(), container.cgroups.as_ref());
         let bundle = req.bundle.to_string_lossy();
         self.inner
             .events
@@ -409,7 +412,7 @@ impl<H: Prepare, W: Wait + Clone> Tasks<H, W> {
         }
         let p = c.process(exec_id)?;
         let pid = c.start_exec(&p).await?;
-        self.watch_exit(p);
+        self.watch_exit(p, None);
         self.inner.events.exec_started(id, exec_id, pid).await;
         Ok(pid)
     }
@@ -568,14 +571,15 @@ impl<H: Prepare, W: Wait + Clone> Tasks<H, W> {
         Ok(())
     }
 
-    /// The pid of the container's running init (for Stats).
-    pub fn running_pid(&self, id: &str) -> Result<u32, TaskError> {
+    /// The metrics of the container's cgroups, from its creation until Delete (after its init
+    /// exited too, as containerd's runc shim answers).
+    pub fn stats(&self, id: &str) -> Result<Any, TaskError> {
         let c = self.container(id)?;
-        let pid = c.init.pid();
-        if c.init.phase() == Phase::Stopped || pid == 0 {
-            return Err(TaskError::NotRunning { id: id.to_owned() });
-        }
-        Ok(pid)
+        let cgroups = c
+            .cgroups
+            .as_ref()
+            .ok_or_else(|| TaskError::NoCgroup { id: id.to_owned() })?;
+        Ok(crate::stats::collect(cgroups)?)
     }
 
     /// The init's pid of container `id`, 0 if there is none (for Connect).
@@ -838,10 +842,6 @@ esac"#,
         assert_eq!(exited.status, 128 + 15);
         let (p, _) = f.tasks.state("c1", "").unwrap();
         assert_eq!(p.phase(), Phase::Stopped);
-        assert!(matches!(
-            f.tasks.running_pid("c1"),
-            Err(TaskError::NotRunning { .. })
-        ));
         // The init is gone: signalling it again says so.
         let e = f.tasks.kill("c1", "", 15, false).await.unwrap_err();
         assert!(
@@ -859,6 +859,69 @@ esac"#,
             Err(TaskError::NotFound { .. })
         ));
         assert!(f.tasks.shutdown(), "no container left");
+    }
+
+    /// The memory usage in a Stats answer (either cgroup version).
+    fn memory_usage(any: &Any) -> u64 {
+        use containerd_shim::protos::cgroups::metrics as v1;
+        use containerd_shim::protos::cgroups_v2::metrics as v2;
+        use containerd_shim::protos::protobuf::Message;
+        match any.type_url.as_str() {
+            crate::stats::V1_TYPE_URL => {
+                v1::Metrics::parse_from_bytes(&any.value)
+                    .unwrap()
+                    .memory
+                    .usage
+                    .usage
+            }
+            _ => {
+                v2::Metrics::parse_from_bytes(&any.value)
+                    .unwrap()
+                    .memory
+                    .usage
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_answer_from_the_cgroups_after_the_init_exited_until_delete() {
+        let f = Fixture::new(PASS_THROUGH);
+        let init = f.process("init-pid");
+        f.tasks.create(f.request("c1")).await.unwrap();
+        // The init stands in this test's cgroups, which it leaves running.
+        let cgroups = crate::cgroups::CgroupFs::host().of_pid(init).unwrap();
+        assert_eq!(f.tasks.container("c1").unwrap().cgroups, Some(cgroups));
+        f.tasks.start("c1", "").await.unwrap();
+        assert!(memory_usage(&f.tasks.stats("c1").unwrap()) > 0);
+
+        f.tasks.kill("c1", "", 9, false).await.unwrap();
+        assert_eq!(f.tasks.wait("c1", "").await.unwrap().status, 137);
+        let after_exit = f.tasks.stats("c1").expect("stats after the init's exit");
+        assert!(memory_usage(&after_exit) > 0);
+
+        f.tasks.delete("c1", "").await.unwrap();
+        let e = f.tasks.stats("c1").unwrap_err();
+        assert!(matches!(e, TaskError::NotFound { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_systemd_cgroup_option_reaches_runc() {
+        let f = Fixture::new(PASS_THROUGH);
+        f.process("init-pid");
+        let mut req = f.request("c1");
+        req.options.systemd_cgroup = true;
+        f.tasks.create(req).await.unwrap();
+        f.tasks.start("c1", "").await.unwrap();
+        let log = f.read("runc.log");
+        let calls: Vec<&str> = log.lines().collect();
+        assert_eq!(calls.len(), 2, "{log}");
+        assert!(
+            calls.iter().all(|c| c.contains("--systemd-cgroup")),
+            "{log}"
+        );
+        f.tasks.kill("c1", "", 9, false).await.unwrap();
+        f.tasks.wait("c1", "").await.unwrap();
+        f.tasks.delete("c1", "").await.unwrap();
     }
 
     #[tokio::test]

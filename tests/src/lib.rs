@@ -27,6 +27,7 @@
 //! ```
 
 pub mod cache_server;
+pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod fixtures;

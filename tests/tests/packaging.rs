@@ -528,6 +528,44 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
     let findings = json["findings"].as_array().expect("findings");
     assert!(findings.iter().all(|f| f["status"] != "fail"), "{json}");
 
+    // The installed CRI-O drop-in is the one the README names, and passes CRI-O's own checks
+    // of a handler as `nixenv doctor` makes them (runtime_path, no allowed_annotations entry
+    // CRI-O refuses, no monitor_path).
+    assert_eq!(
+        fs::read_to_string("/etc/crio/crio.conf.d/10-nixenv.conf").unwrap(),
+        fs::read_to_string(format!("{WORKSPACE}/runtimeclass/crio-nixenv.conf")).unwrap()
+    );
+    let crio_dir = tempfile::tempdir().unwrap();
+    fs::create_dir(crio_dir.path().join("crio.conf.d")).unwrap();
+    fs::copy(
+        "/etc/crio/crio.conf.d/10-nixenv.conf",
+        crio_dir.path().join("crio.conf.d/10-nixenv.conf"),
+    )
+    .unwrap();
+    let fake_crio = crio_dir.path().join("bin/crio");
+    fs::create_dir(fake_crio.parent().unwrap()).unwrap();
+    fs::write(&fake_crio, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&fake_crio, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(Command::new("/usr/bin/nixenv")
+        .arg("doctor")
+        .arg("--crio-config")
+        .arg(crio_dir.path().join("crio.conf"))
+        .arg("--crio-config-dir")
+        .arg(crio_dir.path().join("crio.conf.d"))
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                fake_crio.parent().unwrap().display()
+            ),
+        ));
+    let report = text(&out.stdout);
+    assert!(
+        line_starting(&report, "ok    cri-o:")
+            .contains("runtime `nixenv` via /usr/bin/nixenv-runc"),
+        "{report}"
+    );
+
     // The shipped /etc/nixenv/config.toml parses (all defaults); doctor flags the missing keys.
     let out = doctor(Path::new("/usr/bin/nixenv"), None, &[]);
     let report = text(&out.stdout);

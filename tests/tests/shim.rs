@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
+use nixenv_testkit::cni::LoopbackNetwork;
+use nixenv_testkit::containerd::{self, Containerd, ContainerdBuilder, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
-use nixenv_testkit::fixtures::{echo, store_path_base};
+use nixenv_testkit::fixtures::{echo, EchoReply};
 use nixenv_testkit::{
     free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
 };
@@ -24,6 +25,14 @@ fn shim_dir() -> PathBuf {
 /// containerd with the `nixenv` and `runc` handlers, the busybox and empty images, and
 /// `NIXENV_CONFIG` from `node` if given.
 fn containerd(node: Option<&TestNode>) -> Containerd {
+    start_containerd(node, |b| b)
+}
+
+/// [`containerd`], its builder first changed by `more`.
+fn start_containerd(
+    node: Option<&TestNode>,
+    more: impl FnOnce(ContainerdBuilder) -> ContainerdBuilder,
+) -> Containerd {
     let mut b = Containerd::builder()
         .handler(RuntimeHandler::runc())
         .handler(RuntimeHandler::nixenv())
@@ -32,7 +41,7 @@ fn containerd(node: Option<&TestNode>) -> Containerd {
     if let Some(node) = node {
         b = b.env("NIXENV_CONFIG", node.write_config());
     }
-    let c = b.start().expect("start containerd");
+    let c = more(b).start().expect("start containerd");
     c.import(&images::busybox_image()).expect("import busybox");
     c.import(&images::empty_image()).expect("import empty");
     c
@@ -311,12 +320,7 @@ async fn mission_pod_serves_from_its_closure() {
         path.starts_with(&format!("{}/bin:{}/bin", fx.echoserver, fx.busybox)),
         "PATH {path}"
     );
-    let mut want: Vec<String> = fx
-        .echoserver_closure()
-        .iter()
-        .map(|p| store_path_base(p).to_owned())
-        .collect();
-    want.sort();
+    let want = fx.echoserver_store_listing();
     assert_eq!(
         reply.store,
         Some(want.clone()),
@@ -361,6 +365,178 @@ async fn mission_pod_serves_from_its_closure() {
         env.node.pins()
     );
     cri.delete_pod(&pod_id).await.unwrap();
+    c.assert_clean().await;
+}
+
+/// containerd for user-namespaced pods of `env`'s node: the pods' network is the loopback-only
+/// CNI network (kept alive by the first value).
+async fn userns_containerd(env: &ServedNode) -> (LoopbackNetwork, Containerd, Cri) {
+    let net = LoopbackNetwork::new().unwrap();
+    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
+    let cri = Cri::connect(c.address()).await.unwrap();
+    (net, c, cri)
+}
+
+/// A running pod `name` of `acme/echoserver` on the nixenv handler, in its own user namespace
+/// (container 0 is host 65536).
+async fn userns_pod(cri: &mut Cri, c: &Containerd, name: &str) -> (PodSpec, String) {
+    let pod = PodSpec::new(name)
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+        .user_namespace(65536, 65536);
+    match cri.run_pod(&pod).await {
+        Ok(id) => (pod, id),
+        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
+    }
+}
+
+/// `sh -c script` in container `id`, which must succeed: its standard output.
+async fn sh_ok(cri: &mut Cri, id: &str, script: &str) -> String {
+    let r = cri
+        .exec_sync(id, &["sh", "-c", script], 20)
+        .await
+        .expect("exec");
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.exit_code, 0, "{script}: {out} {err}");
+    out
+}
+
+/// Kubernetes `hostUsers: false` (GA in 1.36): the pod has its own user namespace, container
+/// uid 0 is host uid 65536. The store binds are idmapped, so the closure is owned by the
+/// container's root, readable, and serves as in any pod; the pod's sandbox runs on the nixenv
+/// handler too, its rootfs (an idmapped overlay, which containerd 2.x asks the shim for) as
+/// well. containerd 1.x has no user namespaces in CRI: skipped there, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_pod_sees_its_closure_owned_by_its_root() {
+    let major = containerd::major_version();
+    if major < 2 {
+        eprintln!(
+            "skipped: containerd {major}.x ({}) has no user namespaces in CRI (userns_options); run tests/matrix sid",
+            containerd::containerd_binary().display()
+        );
+        return;
+    }
+    let fx = Fixtures::get();
+    let env = nix_env();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
+    let port = free_port();
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns").await;
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let id = cri.create_and_start(&pod_id, &pod, &spec, || c.log()).await;
+
+    // The container is user-namespaced: its root is host uid 65536.
+    let uid_map = sh_ok(&mut cri, &id, "cat /proc/self/uid_map").await;
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "65536", "65536"],
+        "{uid_map}"
+    );
+
+    // It serves from its closure (over the pod's own loopback, from inside the pod).
+    let mut reply = None;
+    for _ in 0..100 {
+        let r = cri
+            .exec_sync(
+                &id,
+                &["wget", "-qO-", &format!("http://127.0.0.1:{port}/")],
+                10,
+            )
+            .await
+            .expect("exec wget");
+        if r.exit_code == 0 {
+            reply = Some(String::from_utf8_lossy(&r.stdout).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply: EchoReply =
+        serde_json::from_str(&reply.expect("echoserver answers in the pod")).unwrap();
+    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    assert_eq!((reply.uid, reply.gid), (0, 0));
+    let want = fx.echoserver_store_listing();
+    assert_eq!(reply.store, Some(want), "only the closure under /nix/store");
+
+    // Every closure path, and what is in it, is the container root's (not nobody's), and
+    // readable; the store stays read-only.
+    let owners = sh_ok(
+        &mut cri,
+        &id,
+        &format!(
+            "stat -c '%u:%g %n' {p} {p}/bin/echoserver {b} {b}/bin/busybox; head -c 4 {p}/bin/echoserver | od -An -c",
+            p = fx.echoserver,
+            b = fx.busybox
+        ),
+    )
+    .await;
+    let mut lines = owners.lines();
+    for path in [
+        fx.echoserver.clone(),
+        format!("{}/bin/echoserver", fx.echoserver),
+        fx.busybox.clone(),
+        format!("{}/bin/busybox", fx.busybox),
+    ] {
+        assert_eq!(
+            lines.next(),
+            Some(format!("0:0 {path}").as_str()),
+            "{owners}"
+        );
+    }
+    assert_eq!(
+        lines
+            .next()
+            .map(|l| l.split_whitespace().collect::<String>()),
+        Some("177ELF".to_string()),
+        "{owners}"
+    );
+    let r = cri
+        .exec_sync(&id, &["touch", &format!("{}/owned", fx.echoserver)], 10)
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0, "the store is read-only");
+
+    cri.stop_container(&id, 10).await.unwrap();
+    cri.wait_exited(&id, Duration::from_secs(10)).await.unwrap();
+    cri.remove_container(&id).await.unwrap();
+    assert!(env.node.pins().is_empty(), "remove unpins");
+    cri.delete_pod(&pod_id).await.unwrap();
+    c.assert_clean().await;
+}
+
+/// The same pod where runc cannot idmap (runc 1.1: Debian trixie's, with containerd 1.7,
+/// which has user namespaces in CRI): the container fails to start with one line naming the
+/// environment and the cause, instead of running with a store owned by `nobody`. Skipped, with
+/// the reason, where containerd has no user namespaces (1.6) or runc can idmap (1.2+).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_pod_on_a_runc_without_idmap_fails_in_one_line() {
+    let features = std::process::Command::new("runc")
+        .arg("features")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if nixenv_core::spec::idmap::features_idmap(&features).unwrap_or(false) {
+        eprintln!("skipped: this runc makes idmapped mounts (user_namespaced_pod_sees_its_closure_owned_by_its_root covers it)");
+        return;
+    }
+    let env = nix_env();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
+    let version = cri.version().await.unwrap().runtime_version;
+    if version.trim_start_matches('v').starts_with("1.6") {
+        eprintln!("skipped: containerd {version} has no user namespaces in CRI (userns_options); run tests/matrix trixie");
+        return;
+    }
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns-old-runc").await;
+    let spec = ContainerSpec::new("echoserver", "empty:latest").command(&["echoserver"]);
+    let err = match cri.create_container(&pod_id, &pod, &spec).await {
+        Ok(id) => cri.start_container(&id).await.expect_err("the start fails"),
+        Err(e) => e,
+    };
+    let line = "acme/echoserver: the pod has a user namespace but runc cannot make idmapped mounts (`runc features` reports no linux.mountExtensions.idmap; runc 1.2 or newer can), so the store would appear owned by nobody";
+    assert!(err.message().contains(line), "{}", err.message());
+    assert!(env.node.pins().is_empty(), "nothing pinned");
+    remove_pod(&mut cri, &pod_id).await;
     c.assert_clean().await;
 }
 
@@ -892,5 +1068,200 @@ async fn a_shim_killed_mid_download_leaves_no_helper_and_no_pin() {
     // and cleans up on the kubelet's retry.
     let _ = cri.stop_pod(&pod_id).await;
     remove_pod(&mut cri, &pod_id).await;
+    c.assert_clean().await;
+}
+
+/// Runs `ctr` with `args`: its stdout, or its failure with stderr.
+fn ctr(c: &Containerd, args: &[&str]) -> Result<String, String> {
+    let out = c.ctr().args(args).output().expect("run ctr");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "ctr {args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Task `id`'s line in `ctr task ls`: its init's pid and status.
+fn task_line(c: &Containerd, id: &str) -> Option<(i32, String)> {
+    let list = ctr(c, &["task", "ls"]).expect("task ls");
+    list.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[1].parse().unwrap_or(0), f[2].to_owned()))
+    })
+}
+
+/// The memory usage in `ctr task metrics --format json` (cgroup v1 or v2 metrics).
+fn task_memory_usage(c: &Containerd, id: &str) -> Result<u64, String> {
+    let out = ctr(c, &["task", "metrics", "--format", "json", id])?;
+    let m: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    m.pointer("/memory/usage/usage")
+        .or_else(|| m.pointer("/memory/usage"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| format!("no memory usage in {out}"))
+}
+
+/// Runs a container on `runtime` that writes 8 MiB to its rootfs (they stay charged to its
+/// memory cgroup as page cache after its processes are gone), SIGKILLs it, and checks
+/// `ctr task metrics` while it runs, after the kill, and after the task is deleted. `shim`:
+/// the shim binary `runtime` names.
+async fn metrics_until_delete(c: &Containerd, runtime: &str, shim: &str, id: &str) {
+    ctr(
+        c,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            BUSYBOX,
+            id,
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/written bs=1M count=8 && exec sleep 1000",
+        ],
+    )
+    .expect("ctr run");
+    let shims = c.shim_pids();
+    assert_eq!(shims.len(), 1);
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", shims[0])).unwrap();
+    assert!(cmdline.contains(shim), "{cmdline}");
+    wait_for("dd's 8 MiB in the metrics", Duration::from_secs(20), || {
+        task_memory_usage(c, id).is_ok_and(|u| u >= 8 << 20)
+    })
+    .await;
+
+    ctr(c, &["task", "kill", "-s", "SIGKILL", id]).expect("kill");
+    wait_for("the task to stop", Duration::from_secs(10), || {
+        task_line(c, id).is_some_and(|(_, status)| status == "STOPPED")
+    })
+    .await;
+    let usage = task_memory_usage(c, id)
+        .unwrap_or_else(|e| panic!("{runtime}: metrics after the init was killed: {e}"));
+    assert!(usage > 0, "{runtime}: memory usage after the exit: {usage}");
+
+    ctr(c, &["task", "delete", id]).expect("task delete");
+    let gone = task_memory_usage(c, id).expect_err("metrics after delete");
+    assert!(gone.contains("not found"), "{gone}");
+    ctr(c, &["container", "rm", id]).expect("container rm");
+}
+
+/// containerd 2.3+ asks a task's Stats, after its init exited 137, whether that was an OOM
+/// kill: the nixenv shim answers from the container's cgroup until the task is deleted, as
+/// containerd's runc shim does (before, it answered NOT_FOUND once the init was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_a_killed_container_last_until_its_task_is_deleted() {
+    let c = containerd(None);
+    let runc = ("io.containerd.runc.v2", "containerd-shim-runc-v2");
+    let nixenv = ("io.containerd.nixenv.v2", "containerd-shim-nixenv-v2");
+    for (i, (runtime, shim)) in [runc, nixenv].into_iter().enumerate() {
+        metrics_until_delete(&c, runtime, shim, &format!("killed-{i}")).await;
+        c.assert_clean().await;
+    }
+}
+
+/// The directory of `pid`'s cgroup for v1 controller `controller` (on a cgroup v2 host, its
+/// unified directory).
+fn cgroup_dir(pid: i32, controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let unified = root.join("cgroup.controllers").exists();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .find_map(|line| {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let ours = if unified {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == controller)
+            };
+            let dir = if unified {
+                root.to_owned()
+            } else {
+                root.join(controller)
+            };
+            ours.then(|| dir.join(path.trim_start_matches('/')))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"))
+}
+
+/// `file` in `dir`, trimmed.
+fn read_trimmed(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+        .trim()
+        .to_owned()
+}
+
+/// An in-place pod resize (CRI UpdateContainerResources, then the shim's Update, then `runc
+/// update`) changes the container's cgroup limits, and ContainerStats (what `kubectl top`
+/// reads) reports its memory working set and CPU time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_reaches_the_cgroup_and_stats_report_usage() {
+    use nixenv_testkit::cri::api::LinuxContainerResources;
+    let c = containerd(None);
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let pod = PodSpec::new("resize").handler("nixenv");
+    let pod_id = cri.run_pod(&pod).await.expect("run pod");
+    let spec = ContainerSpec::new("main", BUSYBOX).command(&[
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/written bs=1M count=8; while true; do sleep 0.1; done",
+    ]);
+    let id = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    cri.start_container(&id).await.expect("start");
+    let (pid, _) = task_line(&c, &id).expect("the task");
+    let memory = cgroup_dir(pid, "memory");
+    let cpu = cgroup_dir(pid, "cpu");
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let (limit_file, quota_file) = if unified {
+        ("memory.max", "cpu.max")
+    } else {
+        ("memory.limit_in_bytes", "cpu.cfs_quota_us")
+    };
+    let limit = (128 << 20).to_string();
+    assert_ne!(read_trimmed(&memory, limit_file), limit, "no limit yet");
+    assert!(!read_trimmed(&cpu, quota_file).starts_with("50000"));
+
+    cri.update_container_resources(
+        &id,
+        LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpu_shares: 512,
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("update container resources");
+    assert_eq!(read_trimmed(&memory, limit_file), limit);
+    if unified {
+        assert_eq!(read_trimmed(&cpu, "cpu.max"), "50000 100000");
+    } else {
+        assert_eq!(read_trimmed(&cpu, "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read_trimmed(&cpu, "cpu.cfs_period_us"), "100000");
+        assert_eq!(read_trimmed(&cpu, "cpu.shares"), "512");
+    }
+
+    let stats = cri.container_stats(&id).await.expect("stats");
+    let working_set = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    let cpu_time = stats
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(working_set > 0, "working set {working_set}");
+    assert!(cpu_time > 0, "cpu time {cpu_time}");
+
+    cri.stop_container(&id, 0).await.expect("stop");
+    cri.remove_container(&id).await.expect("remove");
+    cri.delete_pod(&pod_id).await.expect("delete pod");
     c.assert_clean().await;
 }

@@ -1,5 +1,6 @@
 //! CRI-O's configuration: `crio.conf` then the drop-ins of `crio.conf.d` in lexical order,
-//! later keys overriding earlier ones.
+//! later keys overriding earlier ones; and the rules by which CRI-O (1.36) ignores a runtime
+//! handler or refuses to start ([`rejections`]).
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,7 @@ pub struct CrioRuntime {
     pub runtime_path: Option<String>,
     pub runtime_type: Option<String>,
     pub allowed_annotations: Vec<String>,
+    pub monitor_path: Option<String>,
     /// The drop-in that defines it last.
     pub defined_in: PathBuf,
 }
@@ -113,9 +115,103 @@ impl CrioConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
+            monitor_path: s("monitor_path"),
             defined_in,
         })
     }
+}
+
+/// The keys CRI-O 1.36 accepts in a handler's `allowed_annotations` (its own annotations, v2
+/// and deprecated v1 names, and a few runtime ones); any other entry makes CRI-O ignore the
+/// handler ("invalid allowed_annotation"). Pod annotations reach the runtime without being
+/// listed there.
+pub const CRIO_ANNOTATIONS: &[&str] = &[
+    "io.kubernetes.cri.rdt-class",
+    "bundle",
+    "org.systemd.property.",
+    "org.criu.config",
+    "module.wasm.image/variant",
+    "io.kubernetes.cri.container-type",
+    "run.oci.",
+    "cgroup2-mount-hierarchy-rw.crio.io",
+    "cpu-c-states.crio.io",
+    "cpu-freq-governor.crio.io",
+    "cpu-load-balancing.crio.io",
+    "cpu-quota.crio.io",
+    "cpu-shared.crio.io",
+    "devices.crio.io",
+    "disable-fips.crio.io",
+    "irq-load-balancing.crio.io",
+    "link-logs.crio.io",
+    "io.containers.trace-syscall",
+    "platform-runtime-path.crio.io",
+    "pod-linux-overhead.crio.io",
+    "pod-linux-resources.crio.io",
+    "seccomp-notifier-action.crio.io",
+    "seccomp-profile.crio.io",
+    "shm-size.crio.io",
+    "spoofed.crio.io",
+    "org.opencontainers.image.stopSignal",
+    "try-skip-volume-selinux-label.crio.io",
+    "umask.crio.io",
+    "unified-cgroup.crio.io",
+    "userns-mode.crio.io",
+    "io.kubernetes.cri-o.cgroup2-mount-hierarchy-rw",
+    "io.kubernetes.cri-o.Devices",
+    "io.kubernetes.cri-o.DisableFIPS",
+    "io.kubernetes.cri-o.LinkLogs",
+    "io.kubernetes.cri-o.PlatformRuntimePath",
+    "io.kubernetes.cri-o.PodLinuxOverhead",
+    "io.kubernetes.cri-o.PodLinuxResources",
+    "io.kubernetes.cri-o.seccompNotifierAction",
+    "seccomp-profile.kubernetes.cri-o.io",
+    "io.kubernetes.cri-o.ShmSize",
+    "io.kubernetes.cri-o.Spoofed",
+    "io.kubernetes.cri-o.TrySkipVolumeSELinuxLabel",
+    "io.kubernetes.cri-o.umask",
+    "io.kubernetes.cri-o.UnifiedCgroup",
+    "io.kubernetes.cri-o.userns-mode",
+];
+
+/// What CRI-O does with a handler it rejects, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("runtime_type {0:?} is not oci, vm or pod: CRI-O ignores the handler")]
+    RuntimeType(String),
+    #[error("runtime_path {0} does not exist: CRI-O ignores the handler")]
+    RuntimePath(String),
+    #[error("allowed_annotations holds {0:?}, which is not a CRI-O annotation: CRI-O ignores the handler")]
+    Annotation(String),
+    #[error("monitor_path {0} does not exist: CRI-O does not start")]
+    MonitorPath(String),
+}
+
+/// CRI-O's checks of a handler (`RuntimeHandler.Validate` and the monitor path check at start),
+/// with `exists` telling whether a path exists on the node.
+pub fn rejections(rt: &CrioRuntime, exists: impl Fn(&str) -> bool) -> Vec<Rejection> {
+    let mut found = Vec::new();
+    if let Some(t) = rt.runtime_type.as_deref() {
+        if !matches!(t, "" | "oci" | "vm" | "pod") {
+            found.push(Rejection::RuntimeType(t.to_owned()));
+        }
+    }
+    if let Some(p) = rt.runtime_path.as_deref().filter(|p| !p.is_empty()) {
+        if !exists(p) {
+            found.push(Rejection::RuntimePath(p.to_owned()));
+        }
+    }
+    found.extend(
+        rt.allowed_annotations
+            .iter()
+            .filter(|a| !CRIO_ANNOTATIONS.contains(&a.as_str()))
+            .map(|a| Rejection::Annotation(a.clone())),
+    );
+    if let Some(p) = rt.monitor_path.as_deref().filter(|p| !p.is_empty()) {
+        if !exists(p) {
+            found.push(Rejection::MonitorPath(p.to_owned()));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -145,5 +241,56 @@ mod tests {
         assert_eq!(rt.allowed_annotations, vec!["nix.dev/environment"]);
         assert_eq!(rt.defined_in, dir.join("20-local.conf"));
         assert!(cfg.runtime("runc").is_none());
+    }
+
+    fn runtime(text: &str) -> CrioRuntime {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("crio.conf.d");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("10-nixenv.conf"), text).unwrap();
+        CrioConfig::load(&d.path().join("crio.conf"), &dir)
+            .unwrap()
+            .runtime("nixenv")
+            .unwrap()
+    }
+
+    #[test]
+    fn the_shipped_drop_in_passes_crio_s_checks() {
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtimeclass/crio-nixenv.conf"),
+        )
+        .unwrap();
+        let rt = runtime(&shipped);
+        assert_eq!(rt.runtime_path.as_deref(), Some("/usr/bin/nixenv-runc"));
+        assert_eq!(rt.runtime_type.as_deref(), Some("oci"));
+        assert!(rt.monitor_path.is_none());
+        assert_eq!(rejections(&rt, |p| p == "/usr/bin/nixenv-runc"), vec![]);
+    }
+
+    #[test]
+    fn what_crio_rejects() {
+        // The handler the earlier package shipped: CRI-O 1.36 logs "is being ignored due to:
+        // invalid allowed_annotation: nix.dev/environment", and without conmon at that path
+        // CRI-O does not start.
+        let old = runtime(
+            "[crio.runtime.runtimes.nixenv]\nruntime_path = \"/usr/bin/nixenv-runc\"\nruntime_type = \"oci\"\nmonitor_path = \"/usr/libexec/crio/conmon\"\nallowed_annotations = [\"io.kubernetes.cri-o.Devices\", \"nix.dev/environment\"]\n",
+        );
+        assert_eq!(
+            rejections(&old, |p| p == "/usr/bin/nixenv-runc"),
+            vec![
+                Rejection::Annotation("nix.dev/environment".into()),
+                Rejection::MonitorPath("/usr/libexec/crio/conmon".into()),
+            ]
+        );
+        let odd = runtime(
+            "[crio.runtime.runtimes.nixenv]\nruntime_path = \"/opt/nixenv-runc\"\nruntime_type = \"runc\"\n",
+        );
+        assert_eq!(
+            rejections(&odd, |_| false),
+            vec![
+                Rejection::RuntimeType("runc".into()),
+                Rejection::RuntimePath("/opt/nixenv-runc".into()),
+            ]
+        );
     }
 }

@@ -457,6 +457,22 @@ fn check_crio<H: Host>(opts: &DoctorOptions, host: &H) -> Finding {
     };
     let src = rt.defined_in.display().to_string();
     let path = rt.runtime_path.clone().unwrap_or_default();
+    if let Some(r) = crio::rejections(&rt, |p| host.which(p).is_some())
+        .into_iter()
+        .next()
+    {
+        let fix = match r {
+            crio::Rejection::Annotation(_) => {
+                "remove allowed_annotations from the handler (CRI-O passes pod annotations to the runtime anyway), then restart crio"
+            }
+            crio::Rejection::MonitorPath(_) => {
+                "remove monitor_path (CRI-O then finds conmon on its PATH) or point it at conmon, then restart crio"
+            }
+            crio::Rejection::RuntimePath(_) => "install the nixenv package",
+            crio::Rejection::RuntimeType(_) => "set runtime_type = \"oci\", then restart crio",
+        };
+        return Finding::fail(check, format!("{src}: {r}"), fix);
+    }
     if !path.ends_with("nixenv-runc") {
         return Finding::fail(
             check,
@@ -464,23 +480,19 @@ fn check_crio<H: Host>(opts: &DoctorOptions, host: &H) -> Finding {
             "set runtime_path = \"/usr/bin/nixenv-runc\"",
         );
     }
-    if host.which(&path).is_none() {
+    if !matches!(rt.runtime_type.as_deref(), None | Some("" | "oci")) {
         return Finding::fail(
             check,
-            format!("{src}: runtime_path {path} does not exist"),
-            "install the nixenv package",
-        );
-    }
-    if !rt.allowed_annotations.iter().any(|a| a == ANNOTATION) {
-        return Finding::fail(
-            check,
-            format!("{src}: {ANNOTATION} is not in allowed_annotations"),
-            "add \"nix.dev/environment\" to allowed_annotations, then restart crio",
+            format!(
+                "{src}: runtime_type is {:?}: nixenv-runc is an oci runtime",
+                rt.runtime_type.as_deref().unwrap_or_default()
+            ),
+            "set runtime_type = \"oci\", then restart crio",
         );
     }
     Finding::ok(
         check,
-        format!("{src}: runtime `{HANDLER}` via {path}, {ANNOTATION} allowed"),
+        format!("{src}: runtime `{HANDLER}` via {path}, pod annotations passed to it"),
     )
 }
 
@@ -734,6 +746,71 @@ mod tests {
             addr.unwrap(),
             PathBuf::from("/run/containerd/containerd.sock")
         );
+    }
+
+    #[test]
+    fn crio_checks_what_crio_itself_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("crio.conf.d");
+        std::fs::create_dir(&dir).unwrap();
+        let opts = DoctorOptions {
+            crio_config: d.path().join("crio.conf"),
+            crio_config_dir: dir.clone(),
+            ..Default::default()
+        };
+        let h = FakeHost {
+            found: vec!["nixenv-runc"],
+            runc_version: "",
+        };
+        let f = check_crio(&opts, &h);
+        assert_eq!(f.status, Status::Fail);
+        assert!(
+            f.message.contains("no [crio.runtime.runtimes.nixenv]"),
+            "{}",
+            f.message
+        );
+
+        // The shipped drop-in passes, without allowed_annotations or monitor_path.
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtimeclass/crio-nixenv.conf"),
+            dir.join("10-nixenv.conf"),
+        )
+        .unwrap();
+        let f = check_crio(&opts, &h);
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+
+        // A later drop-in adding what CRI-O rejects: one line naming the file and the cause.
+        let later = dir.join("20-local.conf");
+        std::fs::write(
+            &later,
+            "[crio.runtime.runtimes.nixenv]\nallowed_annotations = [\"nix.dev/environment\"]\n",
+        )
+        .unwrap();
+        let f = check_crio(&opts, &h);
+        assert_eq!(f.status, Status::Fail);
+        assert_eq!(
+            f.message,
+            format!("{}: allowed_annotations holds \"nix.dev/environment\", which is not a CRI-O annotation: CRI-O ignores the handler", later.display())
+        );
+        assert!(f.fix.unwrap().contains("remove allowed_annotations"));
+        std::fs::write(
+            &later,
+            "[crio.runtime.runtimes.nixenv]\nmonitor_path = \"/usr/libexec/crio/conmon\"\n",
+        )
+        .unwrap();
+        let f = check_crio(&opts, &h);
+        assert!(
+            f.message.ends_with(
+                "monitor_path /usr/libexec/crio/conmon does not exist: CRI-O does not start"
+            ),
+            "{}",
+            f.message
+        );
+        let with_conmon = FakeHost {
+            found: vec!["nixenv-runc", "conmon"],
+            runc_version: "",
+        };
+        assert_eq!(check_crio(&opts, &with_conmon).status, Status::Ok);
     }
 
     #[test]
