@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{card_container, card_pod, Cri};
-use nixenv_testkit::fixtures::echo;
+use nixenv_testkit::fixtures::{echo, Fixtures};
 use nixenv_testkit::node_registry::{
     archive_manifest_digest, shipped_config, shipped_empty_archive, NodeRegistry,
 };
@@ -22,10 +22,20 @@ fn shim_dir() -> PathBuf {
     shim_bin().parent().expect("shim dir").to_path_buf()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
+/// A node as the package sets it up: containerd with the nixenv handler, the package's
+/// docker.io `hosts.toml` (first host: `nixenv registry`; "Docker Hub": a 404 stand-in that
+/// counts requests), and caches and catalog served over HTTP.
+struct CardNode {
+    _registry: NodeRegistry,
+    hub: CacheServer,
+    _certs: tempfile::TempDir,
+    _hub_dir: tempfile::TempDir,
+    env: ServedNode,
+    c: Containerd,
+}
+
+fn card_node() -> CardNode {
     let registry = NodeRegistry::start().expect("start nixenv registry");
-    let manifest = archive_manifest_digest(&shipped_empty_archive()).unwrap();
     let hub_dir = tempfile::tempdir().unwrap();
     let hub = CacheServer::serve(hub_dir.path());
     let certs = tempfile::tempdir().unwrap();
@@ -45,6 +55,21 @@ async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
         .registry_config_path(certs.path())
         .start()
         .expect("start containerd");
+    CardNode {
+        _registry: registry,
+        hub,
+        _certs: certs,
+        _hub_dir: hub_dir,
+        env,
+        c,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
+    let node = card_node();
+    let (hub, c) = (&node.hub, &node.c);
+    let manifest = archive_manifest_digest(&shipped_empty_archive()).unwrap();
     let mut cri = Cri::connect(c.address()).await.unwrap();
     assert!(cri.image_status("empty:latest").await.unwrap().is_none());
 
@@ -117,6 +142,122 @@ async fn the_card_pod_pulls_empty_latest_from_the_node_registry_and_runs() {
         err.message(),
         hub.request_log()
     );
+}
+
+/// What the kubelet does for `image: empty:latest` (pull policy `Always`) before each
+/// container it creates: PullImage, then ImageStatus.
+async fn kubelet_pull(cri: &mut Cri, c: &Containerd) {
+    if let Err(e) = cri.pull_image("empty:latest").await {
+        panic!("PullImage empty:latest: {}\n{}", e.message(), c.log());
+    }
+    assert!(cri.image_status("empty:latest").await.unwrap().is_some());
+}
+
+/// The kubelet's calls for the card's pod, in its order, on a node set up as the package sets
+/// it up (the cold closure comes from a slow cache): sandbox; pull (policy Always); create and
+/// start, the start given up by the kubelet's request timeout; on its next sync, pull, a new
+/// attempt, started; exec; a restart in the same sandbox (the container killed, pull, attempt
+/// 2); stop and remove. The closure is fetched once across all of it; nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_s_sequence_for_the_card_s_pod() {
+    let fx = Fixtures::get();
+    let node = card_node();
+    let c = &node.c;
+    node.env.caches.inject(
+        "/nar/*",
+        nixenv_testkit::Fault::Delay(Duration::from_secs(3)),
+    );
+    let mut cri = Cri::connect(c.address()).await.unwrap();
+    let port = free_port();
+    let pod = card_pod();
+    let pod_id = cri.run_pod(&pod).await.expect("RunPodSandbox");
+
+    kubelet_pull(&mut cri, c).await;
+    let spec = card_container(port);
+    let first = cri.create_container(&pod_id, &pod, &spec).await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), {
+        let mut cri = cri.clone();
+        let first = first.clone();
+        async move { cri.start_container(&first).await }
+    })
+    .await;
+    assert!(gave_up.is_err(), "the cold fetch outlasts the request");
+
+    kubelet_pull(&mut cri, c).await;
+    let second = cri
+        .create_container(&pod_id, &pod, &spec.clone().attempt(1))
+        .await
+        .unwrap();
+    if let Err(e) = cri.start_container(&second).await {
+        panic!("StartContainer on retry: {}\n{}", e.message(), c.log());
+    }
+    let answer = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30)).expect("answers");
+    assert_eq!(answer.message.as_deref(), Some("hello from nix"));
+
+    // kubectl exec: the closure's PATH (busybox's `sh` by name) and the lock's env.
+    let out = cri
+        .exec_sync(
+            &second,
+            &["sh", "-c", "echo \"$PATH\"; echo \"$ECHO_MESSAGE\""],
+            10,
+        )
+        .await
+        .expect("ExecSync");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let path = lines.next().unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:", fx.echoserver)) && path.contains(&fx.busybox),
+        "{path}"
+    );
+    assert_eq!(lines.next(), Some("hello from nix"));
+
+    // A restart in the same sandbox: the container is killed (a failed liveness probe), the
+    // kubelet pulls and creates the next attempt.
+    cri.stop_container(&second, 0).await.unwrap();
+    kubelet_pull(&mut cri, c).await;
+    let third = cri
+        .create_container(&pod_id, &pod, &spec.clone().attempt(2))
+        .await
+        .unwrap();
+    cri.start_container(&third)
+        .await
+        .expect("StartContainer after the restart");
+    let answer = echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30)).expect("answers");
+    assert_eq!(answer.message.as_deref(), Some("hello from nix"));
+
+    let counts = node.env.caches.counts();
+    let nars: Vec<_> = counts.iter().filter(|(p, _)| p.contains("nar/")).collect();
+    assert_eq!(nars.len(), fx.echoserver_closure().len(), "{counts:?}");
+    assert!(
+        nars.iter().all(|(_, n)| **n == 1),
+        "each NAR fetched once across the three attempts: {counts:?}"
+    );
+    assert_eq!(node.hub.requests_matching("/v2/library/empty/*"), 0);
+
+    // Pod deleted: stop and remove the containers, then the sandbox.
+    for id in [&first, &second, &third] {
+        cri.stop_container(id, 10).await.unwrap();
+        cri.remove_container(id).await.unwrap();
+    }
+    cri.stop_pod(&pod_id).await.unwrap();
+    cri.remove_pod(&pod_id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.env.node.pins().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "pins left: {:?}",
+            node.env.node.pins()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.assert_clean().await;
 }
 
 /// One HTTP/1.1 GET on a fresh connection: the status line.
