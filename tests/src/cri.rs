@@ -556,6 +556,23 @@ impl Cri {
         Ok(resp.into_inner())
     }
 
+    /// [`Cri::exec_sync`] of a command that must succeed (10 s): its stdout. Panics with its
+    /// output otherwise.
+    pub async fn exec_ok(&mut self, id: &str, cmd: &[&str]) -> String {
+        let r = self
+            .exec_sync(id, cmd, 10)
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {}", e.message()));
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{cmd:?}: {out} {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        out
+    }
+
     /// `Exec`: prepares a streaming exec and returns the streaming server URL (the kubelet
     /// then speaks SPDY to it; tests drive terminal execs with `ctr tasks exec --tty` instead).
     pub async fn exec(

@@ -329,17 +329,9 @@ async fn mission_pod_serves_from_its_closure() {
     assert_eq!(env.node.pins().len(), 1, "the container is pinned");
 
     // Exec sees the same environment and cannot write the store.
-    let r = cri
-        .exec_sync(&id, &["sh", "-c", "echo $PATH; ls /nix/store"], 10)
-        .await
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{out} {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    let out = cri
+        .exec_ok(&id, &["sh", "-c", "echo $PATH; ls /nix/store"])
+        .await;
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(path.as_str()));
     let listed: Vec<&str> = lines.collect();
