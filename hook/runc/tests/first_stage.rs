@@ -228,3 +228,44 @@ fn without_nixenv_hook_the_error_is_one_line() {
     assert!(out.stdout.is_empty());
     assert!(s.record().is_none());
 }
+
+#[test]
+fn an_exec_goes_to_nixenv_hook_only_for_a_container_with_an_exec_record() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Sandbox::new();
+    let me = s.first_stage("bin/nixenv-runc");
+    let hook = s.recorder("bin/nixenv-hook");
+    let runc = s.recorder("runc-dir/runc");
+    let path = s.path("runc-dir");
+    let root = s.path("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("nixenv@prepared"), "{}").unwrap();
+    let root = root.to_str().unwrap();
+    for (id, to_hook) in [("prepared", true), ("plain", false)] {
+        let args = [
+            "--root",
+            root,
+            "exec",
+            "--pid-file",
+            "/tmp/p",
+            "--process",
+            "/tmp/exec-process-1",
+            "--detach",
+            id,
+        ];
+        let out = s.run(&me, &os_dyn(&args), &[("PATH", path.as_os_str())]);
+        assert_eq!(out.status.code(), Some(7), "{id}");
+        let want = if to_hook {
+            let mut v = vec!["runc"];
+            v.extend_from_slice(&args);
+            recorded(&hook, &v)
+        } else {
+            recorded(&runc, &args)
+        };
+        assert_eq!(s.record().as_deref(), Some(&*want), "{id}");
+    }
+}
+
+fn os_dyn<'a>(args: &[&'a str]) -> Vec<&'a OsStr> {
+    args.iter().map(|a| OsStr::new(*a)).collect()
+}
