@@ -330,7 +330,10 @@ mod tests {
     fn the_handoff_file_reads_back_through_proc_self_fd() {
         let (fd, path) = handoff_file(b"{\"args\":[\"sh\"]}", 50).unwrap();
         assert!(fd.as_raw_fd() >= 50);
-        assert_eq!(path, PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+        assert_eq!(
+            path,
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"args\":[\"sh\"]}");
         // SAFETY: F_GETFD on an open descriptor.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };

@@ -155,11 +155,13 @@ pub fn run<N: Node, P: Process, L: Locate>(
                 };
             };
             let rewritten =
-                exec_env::rewrite_process_file(Path::new(&process_arg.path), &record.env)
-                    .and_then(|bytes| {
-                        let min_fd = 3i32.saturating_add(i32::try_from(*preserve_fds).unwrap_or(i32::MAX - 3));
+                exec_env::rewrite_process_file(Path::new(&process_arg.path), &record.env).and_then(
+                    |bytes| {
+                        let min_fd = 3i32
+                            .saturating_add(i32::try_from(*preserve_fds).unwrap_or(i32::MAX - 3));
                         exec_env::handoff_file(&bytes, min_fd)
-                    });
+                    },
+                );
             let (_keep_open, path) = match rewritten {
                 Ok(r) => r,
                 Err(e) => return fail(&inv, format!("nixenv: {}: {e}", id.to_string_lossy())),
@@ -198,7 +200,11 @@ pub fn run<N: Node, P: Process, L: Locate>(
             };
             if code == 0 {
                 let warn = |what: String| {
-                    runc_log::report_warning(inv.global.log.as_deref(), inv.global.log_format, &what)
+                    runc_log::report_warning(
+                        inv.global.log.as_deref(),
+                        inv.global.log_format,
+                        &what,
+                    )
                 };
                 if pinned {
                     if let Err(e) = node.release(&id) {
@@ -369,7 +375,12 @@ mod tests {
             prepared: Some(prepared()),
             ..Default::default()
         };
-        run(&argv(&create), &mut node, &FakeProcess::default(), &FixedRunc);
+        run(
+            &argv(&create),
+            &mut node,
+            &FakeProcess::default(),
+            &FixedRunc,
+        );
         let r = exec_env::read(&root, OsStr::new("c1")).unwrap().unwrap();
         assert_eq!(r.reference, "acme/echoserver");
         assert_eq!(r.env[0].after, "/nix/store/e/bin:/image/bin");
@@ -380,7 +391,12 @@ mod tests {
             exit: 1,
             ..Default::default()
         };
-        run(&argv(&delete), &mut FakeNode::default(), &refused, &FixedRunc);
+        run(
+            &argv(&delete),
+            &mut FakeNode::default(),
+            &refused,
+            &FixedRunc,
+        );
         assert!(record.exists());
         let mut node = FakeNode::default();
         let p = FakeProcess::default();
@@ -391,7 +407,12 @@ mod tests {
 
         // A container nixenv passes through drops a stale record of the same id.
         exec_env::write(&root, OsStr::new("c1"), &r).unwrap();
-        run(&argv(&create), &mut FakeNode::default(), &FakeProcess::default(), &FixedRunc);
+        run(
+            &argv(&create),
+            &mut FakeNode::default(),
+            &FakeProcess::default(),
+            &FixedRunc,
+        );
         assert!(!record.exists());
     }
 
@@ -400,14 +421,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("runc");
         let process = dir.path().join("process.json");
-        let original = br#"{"args":["sh"],"env":["PATH=/usr/bin","PATH=/image/bin","X=1"],"cwd":"/"}"#;
+        let original =
+            br#"{"args":["sh"],"env":["PATH=/usr/bin","PATH=/image/bin","X=1"],"cwd":"/"}"#;
         std::fs::write(&process, original).unwrap();
         let mut node = FakeNode {
             prepared: Some(prepared()),
             ..Default::default()
         };
         let create = format!("--root {} create c1", root.display());
-        run(&argv(&create), &mut node, &FakeProcess::default(), &FixedRunc);
+        run(
+            &argv(&create),
+            &mut node,
+            &FakeProcess::default(),
+            &FixedRunc,
+        );
 
         /// Runs `line` and returns the argv runc got and the process file it names, read
         /// while the handoff descriptor is still open.
@@ -446,7 +473,11 @@ mod tests {
                 "{line}"
             );
         }
-        assert_eq!(std::fs::read(&process).unwrap(), original, "the caller's file is untouched");
+        assert_eq!(
+            std::fs::read(&process).unwrap(),
+            original,
+            "the caller's file is untouched"
+        );
 
         // Another container, and a positional process: runc gets the argv as it came.
         for line in [

@@ -217,7 +217,11 @@ mod tests {
     /// entry, the lock's variable, nixenv's own.
     fn crio_changes() -> Vec<EnvChange> {
         vec![
-            change("PATH", Some("/image/bin:/bin"), "/nix/store/e/bin:/image/bin:/bin"),
+            change(
+                "PATH",
+                Some("/image/bin:/bin"),
+                "/nix/store/e/bin:/image/bin:/bin",
+            ),
             change("ECHO_MESSAGE", None, "hi"),
             change("NIXENV_ENVIRONMENT", None, "acme/echoserver"),
         ]

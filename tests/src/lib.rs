@@ -120,3 +120,13 @@ pub fn cgroup_dir(pid: i32, controller: &str) -> std::path::PathBuf {
         })
         .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"))
 }
+
+/// The value of `name` in the output of `env` (`NAME=value` lines): its last line, the one a
+/// process sees.
+pub fn env_var(env_output: &str, name: &str) -> Option<String> {
+    env_output
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .rfind(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}

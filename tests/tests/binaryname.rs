@@ -149,19 +149,17 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     let r = cri.exec_sync(&id, &["env"], 10).await.expect("exec env");
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    let var = |name: &str| {
-        out.lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| *k == name)
-            .map(|(_, v)| v.to_owned())
-            .last()
-    };
+    let var = |name: &str| nixenv_testkit::env_var(&out, name);
     let path = var("PATH").unwrap_or_default();
     assert!(
         path.starts_with(&format!("{}/bin:{}/bin:", fx.echoserver, fx.busybox)),
         "the exec's PATH: {out}"
     );
-    assert_eq!(var("ECHO_MESSAGE").as_deref(), Some("hello from nix"), "{out}");
+    assert_eq!(
+        var("ECHO_MESSAGE").as_deref(),
+        Some("hello from nix"),
+        "{out}"
+    );
     assert_eq!(
         var("NIXENV_ENVIRONMENT").as_deref(),
         Some("acme/echoserver"),
@@ -177,9 +175,14 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     let r = cri.exec_sync(&side, &["env"], 10).await.expect("exec env");
     let side_env = String::from_utf8_lossy(&r.stdout).into_owned();
     assert_eq!(r.exit_code, 0, "{side_env}");
-    assert!(side_env.lines().any(|l| l.starts_with("PATH=")), "{side_env}");
     assert!(
-        !side_env.contains("/nix/store") && !side_env.contains("NIXENV_") && !side_env.contains("ECHO_MESSAGE"),
+        side_env.lines().any(|l| l.starts_with("PATH=")),
+        "{side_env}"
+    );
+    assert!(
+        !side_env.contains("/nix/store")
+            && !side_env.contains("NIXENV_")
+            && !side_env.contains("ECHO_MESSAGE"),
         "nothing of nixenv's: {side_env}"
     );
     // The store is read-only.

@@ -14,7 +14,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nixenv_testkit::fixtures::echo;
-use nixenv_testkit::{cgroup_dir, free_port, host_runc, Cache, Fixtures, ServedNode};
+use nixenv_testkit::{
+    cgroup_dir, env_var as var, free_port, host_runc, Cache, Fixtures, ServedNode,
+};
 use serde_json::{json, Value};
 
 /// CRI-O's default PATH: the first `PATH` entry of every spec it writes (the image's comes
@@ -43,7 +45,11 @@ impl Replay {
             .prefix("nixenv-crio-")
             .tempdir()
             .unwrap();
-        let id = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+        let id = format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
         let port = free_port();
         let bundle = dir.path().join("userdata");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
@@ -176,15 +182,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The value of `name` in `env` output (the last line of it, as a process sees it).
-fn var(env: &str, name: &str) -> Option<String> {
-    env.lines()
-        .filter_map(|l| l.split_once('='))
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
-        .last()
-}
-
 /// Waits until process `pid` is gone (or a zombie).
 fn wait_gone(pid: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -217,8 +214,12 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
     assert!(version.starts_with("runc version "), "{version}");
     let features: Value = serde_json::from_str(&r.ok(&["features"])).expect("features JSON");
     assert!(
-        features["ociVersionMin"].as_str().is_some_and(|v| !v.is_empty())
-            && features["ociVersionMax"].as_str().is_some_and(|v| !v.is_empty()),
+        features["ociVersionMin"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty())
+            && features["ociVersionMax"]
+                .as_str()
+                .is_some_and(|v| !v.is_empty()),
         "{features}"
     );
 
@@ -311,7 +312,10 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
     let env = std::fs::read_to_string(&exec_out).unwrap();
     assert_eq!(
         var(&env, "PATH"),
-        Some(format!("{}/bin:{}/bin:{IMAGE_PATH}", fx.echoserver, fx.busybox)),
+        Some(format!(
+            "{}/bin:{}/bin:{IMAGE_PATH}",
+            fx.echoserver, fx.busybox
+        )),
         "ExecSync's PATH: {env}"
     );
     assert_eq!(var(&env, "ECHO_MESSAGE").as_deref(), Some("hello from nix"));
@@ -320,19 +324,23 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
         Some("acme/echoserver")
     );
     assert!(
-        std::fs::read(&process).unwrap() == serde_json::to_vec(&{
-            let mut p = r.crio_spec["process"].clone();
-            p["args"] = json!(["env"]);
-            p["terminal"] = false.into();
-            p
-        })
-        .unwrap(),
+        std::fs::read(&process).unwrap()
+            == serde_json::to_vec(&{
+                let mut p = r.crio_spec["process"].clone();
+                p["args"] = json!(["env"]);
+                p["terminal"] = false.into();
+                p
+            })
+            .unwrap(),
         "CRI-O's process file is left as it was"
     );
 
     // ExecContainer (kubectl exec, streamed by CRI-O itself): `RUNTIME --root ROOT
     // [--systemd-cgroup] exec --process FILE ID`, stdio CRI-O's. A command by bare name.
-    let process = r.process_file("exec-process-stream", &["sh", "-c", "command -v echoserver"]);
+    let process = r.process_file(
+        "exec-process-stream",
+        &["sh", "-c", "command -v echoserver"],
+    );
     let out = r.run(&[
         root0,
         root1,
@@ -374,12 +382,20 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
         use std::io::Write;
         let mut stdin = update.stdin.take().unwrap();
         stdin
-            .write_all(json!({"memory": {"limit": 128u64 << 20}}).to_string().as_bytes())
+            .write_all(
+                json!({"memory": {"limit": 128u64 << 20}})
+                    .to_string()
+                    .as_bytes(),
+            )
             .unwrap();
     }
     let out = update.wait_with_output().unwrap();
     assert!(out.status.success(), "update: {}", text(&out.stderr));
-    assert_eq!(limit(), (128u64 << 20).to_string(), "update reached the cgroup");
+    assert_eq!(
+        limit(),
+        (128u64 << 20).to_string(),
+        "update reached the cgroup"
+    );
 
     // StopContainer: `RUNTIME --root ROOT kill ID 15` (GetStopSignal: the number), then CRI-O
     // polls state until stopped.
@@ -394,7 +410,11 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
     assert!(!r.served.node.pins().is_empty(), "pinned until delete");
     r.ok(&[root0, root1, "delete", "--force", id]);
     assert!(r.state().is_none(), "no container");
-    assert!(r.served.node.pins().is_empty(), "no pin: {:?}", r.served.node.pins());
+    assert!(
+        r.served.node.pins().is_empty(),
+        "no pin: {:?}",
+        r.served.node.pins()
+    );
     assert!(!record.exists(), "no exec record");
     let entries: Vec<_> = std::fs::read_dir(r.root())
         .unwrap()
@@ -407,8 +427,10 @@ fn crio_s_runtime_calls_work_through_nixenv_runc() {
         !mounts.lines().any(|l| l.contains(&b)),
         "no mount left under the bundle"
     );
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.contains(") Z")
-    });
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z")
+        }
+    );
 }

@@ -12,7 +12,8 @@ use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, store_path_base};
 use nixenv_testkit::{
-    cgroup_dir, free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
+    cgroup_dir, free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode,
+    TestNode,
 };
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;

@@ -59,7 +59,10 @@ where
             Some(b"exec") => break,
             Some(b"--root" | b"-root") => root = args.next().unwrap_or(root),
             Some(a) => {
-                if let Some(v) = a.strip_prefix(b"--root=").or_else(|| a.strip_prefix(b"-root=")) {
+                if let Some(v) = a
+                    .strip_prefix(b"--root=")
+                    .or_else(|| a.strip_prefix(b"-root="))
+                {
                     root = v;
                 }
             }
