@@ -240,7 +240,7 @@ pub fn parse(args: &[OsString]) -> Invocation {
     };
     let action = match subcommand.and_then(OsStr::to_str) {
         Some(sub @ ("create" | "run")) => {
-            let parsed = parse_sub(rest, CREATE_VALUE_FLAGS, CREATE_BOOL_FLAGS);
+            let parsed = parse_sub(rest, CREATE_VALUE_FLAGS, CREATE_BOOL_FLAGS, Layout::IdLast);
             match parsed.positionals.last() {
                 Some(id) if !parsed.help => Action::Prepare {
                     subcommand: if sub == "create" { "create" } else { "run" },
@@ -251,7 +251,7 @@ pub fn parse(args: &[OsString]) -> Invocation {
             }
         }
         Some("delete") => {
-            let parsed = parse_sub(rest, &[], DELETE_BOOL_FLAGS);
+            let parsed = parse_sub(rest, &[], DELETE_BOOL_FLAGS, Layout::IdLast);
             match parsed.positionals.last() {
                 Some(id) if !parsed.help => Action::Delete { id: id.clone() },
                 _ => Action::PassThrough,
@@ -259,7 +259,12 @@ pub fn parse(args: &[OsString]) -> Invocation {
         }
         Some("exec") => {
             let offset = (i + 1).min(args.len());
-            let parsed = parse_exec(rest);
+            let parsed = parse_sub(
+                rest,
+                EXEC_VALUE_FLAGS,
+                EXEC_BOOL_FLAGS,
+                Layout::IdThenCommand,
+            );
             match parsed.positionals.first() {
                 Some(id) if !parsed.help => Action::Exec {
                     id: id.clone(),
@@ -309,6 +314,33 @@ impl SubArgs {
     fn value_of(&self, names: &[&str]) -> Option<OsString> {
         self.last(names).map(|v| v.value.clone())
     }
+
+    /// Records the value of flag `name` at `args[i]` (`inline` after its `=`, else the next
+    /// word if it `takes_value`); returns how many words after `args[i]` it used.
+    fn take_value(
+        &mut self,
+        args: &[OsString],
+        i: usize,
+        name: &str,
+        inline: Option<&OsStr>,
+        takes_value: bool,
+    ) -> usize {
+        let (value, index, prefix) = match inline {
+            Some(v) => (v.to_owned(), i, Some(inline_prefix(&args[i], v))),
+            None if takes_value => match args.get(i + 1) {
+                Some(v) => (v.clone(), i + 1, None),
+                None => return 1,
+            },
+            None => return 0,
+        };
+        self.values.push(FlagValue {
+            name: name.to_owned(),
+            value,
+            index,
+            inline_prefix: prefix,
+        });
+        index - i
+    }
 }
 
 /// A flag word's part up to and including its `=`, when it has an inline value.
@@ -317,54 +349,23 @@ fn inline_prefix(arg: &OsStr, value: &OsStr) -> OsString {
     OsStr::from_bytes(&b[..b.len() - value.len()]).to_owned()
 }
 
-/// `exec`'s arguments: flags, then the id, then the command (runc does not reorder exec's
-/// arguments: everything after the id is the command's). Unknown flags are taken as boolean.
-fn parse_exec(args: &[OsString]) -> SubArgs {
-    let mut out = SubArgs {
-        values: Vec::new(),
-        positionals: Vec::new(),
-        help: false,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        let arg = args[i].as_os_str();
-        if arg.as_bytes() == b"--" {
-            out.positionals.extend(args[i + 1..].iter().cloned());
-            break;
-        }
-        let Some((name, inline)) = split_flag(arg) else {
-            out.positionals.extend(args[i..].iter().cloned());
-            break;
-        };
-        if name == "help" || name == "h" {
-            out.help = true;
-        }
-        match inline {
-            Some(v) => out.values.push(FlagValue {
-                name: name.to_owned(),
-                value: v.to_owned(),
-                index: i,
-                inline_prefix: Some(inline_prefix(arg, v)),
-            }),
-            None if EXEC_VALUE_FLAGS.contains(&name) && !EXEC_BOOL_FLAGS.contains(&name) => {
-                if let Some(v) = args.get(i + 1) {
-                    out.values.push(FlagValue {
-                        name: name.to_owned(),
-                        value: v.clone(),
-                        index: i + 1,
-                        inline_prefix: None,
-                    });
-                }
-                i += 1;
-            }
-            None => {}
-        }
-        i += 1;
-    }
-    out
+/// Where a subcommand's container id sits among its positionals.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `create`, `run`, `delete`: the id is the last positional, flags may follow it (runc
+    /// reorders them); an unknown flag takes the next word if another positional follows.
+    IdLast,
+    /// `exec`: flags, the id, then the command, whose words are all positionals (runc does not
+    /// reorder exec's arguments); unknown flags are taken as boolean.
+    IdThenCommand,
 }
 
-fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> SubArgs {
+fn parse_sub(
+    args: &[OsString],
+    value_flags: &[&str],
+    bool_flags: &[&str],
+    layout: Layout,
+) -> SubArgs {
     let mut out = SubArgs {
         values: Vec::new(),
         positionals: Vec::new(),
@@ -378,6 +379,10 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
             break;
         }
         match split_flag(arg) {
+            None if layout == Layout::IdThenCommand => {
+                out.positionals.extend(args[i..].iter().cloned());
+                break;
+            }
             None => out.positionals.push(arg.to_owned()),
             Some((name, inline)) => {
                 if name == "help" || name == "h" {
@@ -385,7 +390,7 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
                 }
                 let takes_value = if value_flags.contains(&name) {
                     true
-                } else if bool_flags.contains(&name) {
+                } else if bool_flags.contains(&name) || layout == Layout::IdThenCommand {
                     false
                 } else {
                     // Unknown flag: a following non-flag word is its value only if another
@@ -394,26 +399,7 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
                         && args.get(i + 1).is_some_and(|n| !is_flag(n))
                         && args[i + 2..].iter().any(|a| !is_flag(a))
                 };
-                match inline {
-                    Some(v) => out.values.push(FlagValue {
-                        name: name.to_owned(),
-                        value: v.to_owned(),
-                        index: i,
-                        inline_prefix: Some(inline_prefix(arg, v)),
-                    }),
-                    None if takes_value => {
-                        if let Some(v) = args.get(i + 1) {
-                            out.values.push(FlagValue {
-                                name: name.to_owned(),
-                                value: v.clone(),
-                                index: i + 1,
-                                inline_prefix: None,
-                            });
-                        }
-                        i += 1;
-                    }
-                    None => {}
-                }
+                i += out.take_value(args, i, name, inline, takes_value);
             }
         }
         i += 1;
