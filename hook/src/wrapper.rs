@@ -1,11 +1,14 @@
-//! `nixenv-runc`: prepare the bundle on `create`/`run`, release the pin after `delete`, and
-//! otherwise hand over to the real runc at once, with the same arguments.
+//! `nixenv-runc`: prepare the bundle on `create`/`run` (and record its environment changes for
+//! execs, [`exec_env`]), give `exec --process FILE` into a container it prepared those
+//! changes, release the pin and the record after `delete`, and otherwise hand over to the real
+//! runc at once, with the same arguments.
 //!
 //! Two stages keep the pass-through path cheap: the `nixenv-runc` binary (`hook/runc/`, a
 //! static `no_std` program of a few kilobytes) execs runc at once for every subcommand but
-//! `create`, `run` and `delete`; those, and anything it cannot decide or run, it hands with
-//! argv unchanged to `nixenv-hook runc …` next to it, which links the core and runs [`run`]
-//! (which also passes through what turns out not to need it).
+//! `create`, `run`, `delete` and an `exec` into a container with an exec record (one `stat`);
+//! those, and anything it cannot decide or run, it hands with argv unchanged to
+//! `nixenv-hook runc …` next to it, which links the core and runs [`run`] (which also passes
+//! through what turns out not to need it).
 //!
 //! The core is a [`Node`] (`prepare_bundle`, `may_be_pinned`, `release`, `runc`), the real
 //! runc a [`Process`] found by [`Locate`]: type parameters, so the flow is testable without
