@@ -8,6 +8,7 @@ mod ls;
 mod progress;
 mod publish;
 mod pull;
+mod registry;
 mod store_ls;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Remove store paths no running container uses, least recently used first; print what was freed.
     Gc(gc::GcArgs),
+    /// Serve the empty image (docker.io/library/empty) read-only on loopback, for this node's runtimes.
+    Registry(registry::RegistryArgs),
 }
 
 /// Options every subcommand sees.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Ls(args) => ls::run(&globals, args).map_err(anyhow::Error::from),
         Command::Doctor(args) => doctor::run(&globals, args).map_err(anyhow::Error::from),
         Command::Gc(args) => gc::run(&globals, args).map_err(anyhow::Error::from),
+        Command::Registry(args) => registry::run(args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,7 +37,8 @@ impl RuntimeError {
             | RuntimeError::Pin { .. }
             | RuntimeError::Netrc { .. }
             | RuntimeError::Store { .. }
-            | RuntimeError::SymlinkPath { .. } => FailureKind::Internal,
+            | RuntimeError::SymlinkPath { .. }
+            | RuntimeError::Idmap { .. } => FailureKind::Internal,
         }
     }
 }

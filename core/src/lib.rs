@@ -13,6 +13,7 @@
 //! - [`pin`] — GC roots held by running containers;
 //! - [`doctor`] — `nixenv doctor`'s checks of a node;
 //! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
+//! - [`registry`] — `nixenv registry`: the node-local, read-only registry of the empty image;
 //! - [`runtime`] — the one call the shim, the runc wrapper and the hook make;
 //! - [`failure`] — the kind of a [`runtime::RuntimeError`] (not found, invalid, unavailable).
 
@@ -27,6 +28,7 @@ pub mod finding;
 pub mod gc;
 pub mod nix;
 pub mod pin;
+pub mod registry;
 pub mod runtime;
 pub mod spec;
 pub mod store;

@@ -35,7 +35,9 @@ use crate::fetch::{Fetch, Fetcher};
 use crate::gc::GcLock;
 use crate::nix::StorePath;
 use crate::pin::{self, Pin, PinError};
-use crate::spec::{self, BundleConfig, BundleError, EnvChange};
+use crate::spec::{
+    self, BundleConfig, BundleError, EnvChange, IdmapError, RuncFeatures, RuntimeFeatures,
+};
 use crate::store::{Closure, StoreError};
 use crate::substituter::{self, NoProgress, SubstituteError};
 
@@ -110,6 +112,13 @@ pub enum RuntimeError {
         #[source]
         source: Box<StoreError>,
     },
+    /// The spec has a user namespace and its runtime cannot idmap the store binds.
+    #[error("{reference}: {source}")]
+    Idmap {
+        reference: String,
+        #[source]
+        source: IdmapError,
+    },
     /// A closure path is a symlink: a bind mount would resolve it on the host.
     #[error("{reference}: {path}: store path is a symlink, which cannot be bind-mounted into a container")]
     SymlinkPath { reference: String, path: String },
@@ -162,14 +171,34 @@ impl<F: Fetch> Materialise for Substituters<'_, F> {
 }
 
 /// What a preparation reaches beyond the node store, built once per prepared container (a
-/// pass-through builds nothing): the catalog's transport and the materialiser.
-type Edges<F, M> = Result<(F, M), NetrcError>;
+/// pass-through builds nothing): the catalog's transport, the materialiser, and what the
+/// container runtime can do (asked only for a user-namespaced spec).
+type Edges<F, M, R> = Result<(F, M, R), NetrcError>;
 
 /// The production edges: ONE [`Fetcher`] (so at most one HTTP client per container), shared
-/// by the catalog and the substituters.
-fn production_edges(cfg: &Config) -> Edges<Arc<Fetcher>, Substituters<'_, Fetcher>> {
+/// by the catalog and the substituters; the configured runc (or `runc` on PATH).
+fn production_edges(cfg: &Config) -> Edges<Arc<Fetcher>, Substituters<'_, Fetcher>, RuncFeatures> {
     let fetch = Arc::new(Fetcher::for_config(cfg)?);
-    Ok((fetch.clone(), Substituters::new(cfg, fetch)))
+    let runc = RuncFeatures::new(cfg.runc.as_deref().unwrap_or(Path::new("runc")));
+    Ok((fetch.clone(), Substituters::new(cfg, fetch), runc))
+}
+
+/// A user-namespaced `spec` needs idmapped store binds: refused, before anything is fetched
+/// or pinned, when the runtime cannot make them.
+fn check_idmap(
+    features: &impl RuntimeFeatures,
+    spec: &Spec,
+    annotated: &str,
+) -> Result<(), RuntimeError> {
+    if spec::user_mappings(spec).is_none() {
+        return Ok(());
+    }
+    features
+        .idmapped_mounts()
+        .map_err(|source| RuntimeError::Idmap {
+            reference: annotated.to_owned(),
+            source,
+        })
 }
 
 fn edges_err(annotated: &str) -> impl FnOnce(NetrcError) -> RuntimeError + '_ {
@@ -393,9 +422,9 @@ pub async fn prepare_bundle(
 
 /// [`prepare_spec`] with the edges `edges` builds (called once, and only for nixenv's
 /// containers).
-async fn prepare_spec_via<F: Fetch, M: Materialise>(
+async fn prepare_spec_via<F: Fetch, M: Materialise, R: RuntimeFeatures>(
     cfg: &Config,
-    edges: impl FnOnce() -> Edges<F, M>,
+    edges: impl FnOnce() -> Edges<F, M, R>,
     container_id: &str,
     spec: &mut Spec,
     owner: &Owner,
@@ -404,7 +433,8 @@ async fn prepare_spec_via<F: Fetch, M: Materialise>(
     let Some(annotated) = wanted(&annotations) else {
         return Ok(Decision::PassThrough);
     };
-    let (fetch, materialiser) = edges().map_err(edges_err(annotated))?;
+    let (fetch, materialiser, features) = edges().map_err(edges_err(annotated))?;
+    check_idmap(&features, spec, annotated)?;
     let ready = make_ready(cfg, &fetch, &materialiser, container_id, annotated, owner).await?;
     let env = ready.rewrite(cfg, spec);
     Ok(Decision::Rewritten(ready.keep(env)))
@@ -412,9 +442,9 @@ async fn prepare_spec_via<F: Fetch, M: Materialise>(
 
 /// [`prepare_bundle`] with the edges `edges` builds (called once, and only for nixenv's
 /// containers).
-async fn prepare_bundle_via<F: Fetch, M: Materialise>(
+async fn prepare_bundle_via<F: Fetch, M: Materialise, R: RuntimeFeatures>(
     cfg: &Config,
-    edges: impl FnOnce() -> Edges<F, M>,
+    edges: impl FnOnce() -> Edges<F, M, R>,
     container_id: &str,
     bundle: &Path,
     owner: &Owner,
@@ -427,12 +457,13 @@ async fn prepare_bundle_via<F: Fetch, M: Materialise>(
     let Some(annotated) = wanted(&annotations) else {
         return Ok(Decision::PassThrough);
     };
-    let (fetch, materialiser) = edges().map_err(edges_err(annotated))?;
+    let (fetch, materialiser, features) = edges().map_err(edges_err(annotated))?;
     let bundle_err = |source| RuntimeError::Bundle {
         reference: Some(annotated.to_owned()),
         source,
     };
     let mut spec = config.spec().map_err(bundle_err)?;
+    check_idmap(&features, &spec, annotated)?;
     let mut owner = owner.clone();
     if owner.bundle.is_none() {
         owner.bundle = Some(std::path::absolute(bundle).unwrap_or_else(|_| bundle.to_owned()));
@@ -497,11 +528,31 @@ mod tests {
         }
     }
 
+    /// A container runtime that makes idmapped mounts, or not; counts the questions.
+    #[derive(Default)]
+    struct FakeRuntime {
+        no_idmap: AtomicBool,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RuntimeFeatures for FakeRuntime {
+        fn idmapped_mounts(&self) -> Result<(), IdmapError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            if self.no_idmap.load(Ordering::SeqCst) {
+                return Err(IdmapError::Unsupported {
+                    runc: "/usr/sbin/runc".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         cfg: Config,
         fetch: FakeFetch,
         store: FakeStore,
+        runtime: FakeRuntime,
     }
 
     fn fixture() -> Fixture {
@@ -529,6 +580,7 @@ mod tests {
             cfg,
             fetch,
             store,
+            runtime: FakeRuntime::default(),
         }
     }
 
@@ -548,10 +600,87 @@ mod tests {
     }
 
     impl Fixture {
-        /// The fake edges: the fixture's catalog (its request log shared) and store.
-        fn edges(&self) -> Edges<FakeFetch, &FakeStore> {
-            Ok((self.fetch.clone(), &self.store))
+        /// The fake edges: the fixture's catalog (its request log shared), store and runtime.
+        fn edges(&self) -> Edges<FakeFetch, &FakeStore, &FakeRuntime> {
+            Ok((self.fetch.clone(), &self.store, &self.runtime))
         }
+    }
+
+    /// A user-namespaced spec (containerd 2.x CRI, `hostUsers: false`): container 0 is host
+    /// 65536.
+    fn userns_spec(annotations: &[(&str, &str)]) -> Spec {
+        let mut s = spec_with(annotations);
+        let ids: oci_spec::runtime::LinuxIdMapping = serde_json::from_value(
+            serde_json::json!({"containerID": 0, "hostID": 65536, "size": 65536}),
+        )
+        .unwrap();
+        let user: oci_spec::runtime::LinuxNamespace =
+            serde_json::from_value(serde_json::json!({"type": "user", "path": "/run/userns/p"}))
+                .unwrap();
+        let linux = s.linux_mut().as_mut().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        namespaces.push(user);
+        linux
+            .set_namespaces(Some(namespaces))
+            .set_uid_mappings(Some(vec![ids]))
+            .set_gid_mappings(Some(vec![ids]));
+        s
+    }
+
+    #[tokio::test]
+    async fn a_user_namespaced_container_gets_idmapped_binds_or_one_line() {
+        let f = fixture();
+        // Without a user namespace the runtime is not even asked.
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c0", &mut s).await.unwrap();
+        assert_eq!(f.runtime.asked.load(Ordering::SeqCst), 0);
+
+        let mut s = userns_spec(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c1", &mut s).await.unwrap();
+        assert_eq!(f.runtime.asked.load(Ordering::SeqCst), 1);
+        let bind = s
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new(A))
+            .unwrap()
+            .clone();
+        assert_eq!(
+            bind.uid_mappings(),
+            s.linux().as_ref().unwrap().uid_mappings()
+        );
+        assert_eq!(
+            bind.gid_mappings(),
+            s.linux().as_ref().unwrap().gid_mappings()
+        );
+        assert!(bind.options().as_ref().unwrap().contains(&"ridmap".into()));
+
+        // A runc that cannot: one line naming the environment and the cause, nothing fetched,
+        // nothing pinned, the spec untouched.
+        f.runtime.no_idmap.store(true, Ordering::SeqCst);
+        let requests = f.fetch.total();
+        let mut s = userns_spec(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        let before = s.clone();
+        let e = prepare(&f, "c2", &mut s).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "acme/app: the pod has a user namespace but /usr/sbin/runc cannot make idmapped mounts (`runc features` reports no linux.mountExtensions.idmap; runc 1.2 or newer can), so the store would appear owned by nobody"
+        );
+        assert_eq!(s, before);
+        assert_eq!(f.fetch.total(), requests);
+        assert!(pin::read(&f.cfg.state_dir, "c2").unwrap().is_none());
+        // The same through a bundle.
+        let b = tempfile::tempdir().unwrap();
+        let cfg_path = b.path().join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_vec(&before).unwrap()).unwrap();
+        let written = std::fs::read(&cfg_path).unwrap();
+        let e = prepare_bundle_via(&f.cfg, || f.edges(), "c3", b.path(), &Owner::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RuntimeError::Idmap { .. }), "{e}");
+        assert_eq!(std::fs::read(&cfg_path).unwrap(), written);
+        assert!(pin::read(&f.cfg.state_dir, "c3").unwrap().is_none());
     }
 
     #[test]

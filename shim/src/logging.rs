@@ -1,6 +1,10 @@
 //! Shim logs through `tracing` to the `log` FIFO containerd opens in the bundle directory
 //! (the shim's working directory); containerd copies it into its own log. The preparing
 //! helper ([`crate::helper`]) writes its log to the same FIFO.
+//!
+//! Without the FIFO, the serving shim logs to its standard error. `start` never does: containerd
+//! reads its standard output and error together as the answer. `-info` logs to standard error
+//! only (containerd shows it when `-info` fails; the working directory is containerd's own).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -23,35 +27,44 @@ fn level(debug: bool) -> Level {
         .unwrap_or(if debug { Level::DEBUG } else { Level::INFO })
 }
 
-/// Sends `tracing` output to `./log` (non-blocking, so a slow reader never stalls the shim;
-/// without a reader, to stderr).
-pub fn init(debug: bool, id: &str) {
+/// Where `tracing` output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `./log` (non-blocking, so a slow reader never stalls the shim), else stderr: serving.
+    FifoElseStderr,
+    /// `./log`, else nowhere: `start`, whose stdout and stderr are its answer.
+    FifoElseNowhere,
+    /// stderr: `-info`.
+    Stderr,
+}
+
+/// Installs the `tracing` subscriber writing to `target`; whether it was installed.
+pub fn init(debug: bool, target: Target) -> bool {
     let level = level(debug);
     let _ = LEVEL.set(level);
-    let fifo = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("log");
+    let fifo = match target {
+        Target::Stderr => None,
+        Target::FifoElseStderr | Target::FifoElseNowhere => OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("log")
+            .ok(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_ansi(false)
         .with_target(false);
-    let result = match fifo {
-        Ok(file) => {
+    let result = match (fifo, target) {
+        (Some(file), _) => {
             if let Ok(copy) = file.try_clone() {
                 let _ = LOG.set(copy);
             }
             builder.with_writer(std::sync::Mutex::new(file)).try_init()
         }
-        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+        (None, Target::FifoElseNowhere) => builder.with_writer(std::io::sink).try_init(),
+        (None, _) => builder.with_writer(std::io::stderr).try_init(),
     };
-    if result.is_ok() {
-        tracing::info!(
-            shim = id,
-            pid = std::process::id(),
-            "containerd-shim-nixenv-v2 serving"
-        );
-    }
+    result.is_ok()
 }
 
 /// Standard error for a helper process: the log FIFO (else the shim's own stderr).

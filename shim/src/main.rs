@@ -7,14 +7,22 @@
 //! The task logic is [`task`] (plain async code, generic over the helper and the waiter for
 //! child exits, unit-tested with scripts as helper and runc); [`service`] is the ttrpc `Task`
 //! adapter over it, and [`error`] the only place that chooses a ttrpc code.
+//!
+//! [`bootstrap`] runs the actions containerd invokes: `start` speaks both containerd 2.3+'s
+//! bootstrap protocol (`BootstrapParams` on stdin, a `BootstrapResult` answer:
+//! [`bootstrap_params`]) and the legacy one of 1.6–2.2 (flags, `TTRPC_ADDRESS`, plain address);
+//! `-info` reports the features of the runc in use ([`info`]).
 
 mod bootstrap;
+mod bootstrap_params;
 mod cgroup_path;
 mod cgroups;
 mod container;
 mod error;
 mod events;
 mod helper;
+mod idmap;
+mod info;
 mod io;
 mod logging;
 mod mount;

@@ -195,6 +195,7 @@ pub struct ContainerdBuilder {
     imports: Vec<PathBuf>,
     cni: Option<(PathBuf, PathBuf)>,
     config_version: Option<u32>,
+    registry_config_path: Option<PathBuf>,
 }
 
 impl ContainerdBuilder {
@@ -258,6 +259,23 @@ impl ContainerdBuilder {
     pub fn cni(mut self, bin_dir: &Path, conf_dir: &Path) -> Self {
         self.cni = Some((bin_dir.to_owned(), conf_dir.to_owned()));
         self
+    }
+
+    /// The CRI registry's `config_path`: containerd reads `DIR/<registry>/hosts.toml` (without
+    /// it, 1.x and 2.0–2.2 pull from the registries themselves).
+    pub fn registry_config_path(mut self, dir: &Path) -> Self {
+        self.registry_config_path = Some(dir.to_owned());
+        self
+    }
+
+    fn registry_table(&self, t: &mut String, plugin: &str) {
+        if let Some(dir) = &self.registry_config_path {
+            let _ = writeln!(
+                t,
+                "[plugins.{plugin}.registry]\n  config_path = {:?}",
+                dir.display().to_string()
+            );
+        }
     }
 
     /// Writes config `version` (2 or 3) whatever [`containerd_binary`] is.
@@ -369,6 +387,7 @@ impl ContainerdBuilder {
             self.default_handler_name()
         );
         self.runtime_tables(&mut t, "'io.containerd.cri.v1.runtime'");
+        self.registry_table(&mut t, "'io.containerd.cri.v1.images'");
         self.imported_tables(&mut t);
         t
     }
@@ -435,6 +454,7 @@ impl ContainerdBuilder {
             self.default_handler_name()
         );
         self.runtime_tables(&mut t, "\"io.containerd.grpc.v1.cri\"");
+        self.registry_table(&mut t, "\"io.containerd.grpc.v1.cri\"");
         self.imported_tables(&mut t);
         t
     }
@@ -499,6 +519,7 @@ impl Containerd {
             sandbox_image: images::pause_image(),
             log_level: "debug".to_owned(),
             extra_cri_toml: Vec::new(),
+            registry_config_path: None,
             imports: Vec::new(),
             cni: None,
             config_version: None,

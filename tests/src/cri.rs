@@ -26,6 +26,27 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1 as api;
 
+fn image_spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// The card's pod: handler `nixenv`, annotation `nix.dev/environment: acme/echoserver`.
+pub fn card_pod() -> PodSpec {
+    PodSpec::new("echoserver")
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+}
+
+/// The card's container: `image: empty:latest`, `command: [echoserver]`, listening on `port`.
+pub fn card_container(port: u16) -> ContainerSpec {
+    ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string())
+}
+
 /// A pod sandbox to run: name, annotations, runtime handler, log directory.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
@@ -43,6 +64,9 @@ pub struct PodSpec {
     pub log_directory: Option<PathBuf>,
     /// The node's PID namespace for the pod and its containers (`hostPID: true`).
     pub host_pid: bool,
+    /// A user namespace for the pod (`hostUsers: false`): container ids from 0 are host ids
+    /// from `.0`, `.1` of them (uids and gids alike).
+    pub user_namespace: Option<(u32, u32)>,
 }
 
 impl PodSpec {
@@ -56,6 +80,7 @@ impl PodSpec {
             handler: String::new(),
             log_directory: None,
             host_pid: false,
+            user_namespace: None,
         }
     }
 
@@ -77,6 +102,15 @@ impl PodSpec {
         self
     }
 
+    /// Gives the pod its own user namespace (`hostUsers: false`, CRI `userns_options` mode
+    /// POD) mapping container ids 0.. to host ids `host_id`.., `length` of them, and its own
+    /// network namespace (Kubernetes allows no user namespace with the node's network; the
+    /// runtime then needs a CNI network: [`crate::cni::LoopbackNetwork`]).
+    pub fn user_namespace(mut self, host_id: u32, length: u32) -> Self {
+        self.user_namespace = Some((host_id, length));
+        self
+    }
+
     /// Sets the pod log directory.
     pub fn log_directory(mut self, dir: &Path) -> Self {
         self.log_directory = Some(dir.to_owned());
@@ -85,8 +119,25 @@ impl PodSpec {
 
     /// The namespaces of the pod and its containers (the kubelet gives both the same).
     pub fn namespace_options(&self) -> cri::NamespaceOption {
+        let userns_options = self.user_namespace.map(|(host_id, length)| {
+            let ids = vec![cri::IdMapping {
+                host_id,
+                container_id: 0,
+                length,
+            }];
+            cri::UserNamespace {
+                mode: cri::NamespaceMode::Pod as i32,
+                uids: ids.clone(),
+                gids: ids,
+            }
+        });
         cri::NamespaceOption {
-            network: cri::NamespaceMode::Node as i32,
+            network: if userns_options.is_some() {
+                cri::NamespaceMode::Pod as i32
+            } else {
+                cri::NamespaceMode::Node as i32
+            },
+            userns_options,
             pid: if self.host_pid {
                 cri::NamespaceMode::Node as i32
             } else {
@@ -320,6 +371,24 @@ impl Cri {
             .ok_or_else(|| tonic::Status::not_found("no status"))
     }
 
+    /// `PullImage` of `image` (as a kubelet with pull policy `Always`); the image's id.
+    pub async fn pull_image(&mut self, image: &str) -> Result<String, tonic::Status> {
+        let req = cri::PullImageRequest {
+            image: Some(image_spec(image)),
+            ..Default::default()
+        };
+        Ok(self.images.pull_image(req).await?.into_inner().image_ref)
+    }
+
+    /// `ImageStatus` of `image`: `None` when the runtime does not have it.
+    pub async fn image_status(&mut self, image: &str) -> Result<Option<cri::Image>, tonic::Status> {
+        let req = cri::ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        };
+        Ok(self.images.image_status(req).await?.into_inner().image)
+    }
+
     /// `CreateContainer`; the error is the runtime's (e.g. nixenv's one-line error).
     pub async fn create_container(
         &mut self,
@@ -328,7 +397,7 @@ impl Cri {
         spec: &ContainerSpec,
     ) -> Result<String, tonic::Status> {
         let mut config = spec.config();
-        if pod.host_pid {
+        if pod.host_pid || pod.user_namespace.is_some() {
             if let Some(linux) = config.linux.as_mut() {
                 linux.security_context = Some(cri::LinuxContainerSecurityContext {
                     namespace_options: Some(pod.namespace_options()),
@@ -345,6 +414,25 @@ impl Cri {
             })
             .await?;
         Ok(resp.into_inner().container_id)
+    }
+
+    /// `CreateContainer` then `StartContainer`, as a test that needs the container running does:
+    /// panics on either failure with the runtime's message and `log()` (the containerd log).
+    pub async fn create_and_start(
+        &mut self,
+        pod_id: &str,
+        pod: &PodSpec,
+        spec: &ContainerSpec,
+        log: impl Fn() -> String,
+    ) -> String {
+        let id = match self.create_container(pod_id, pod, spec).await {
+            Ok(id) => id,
+            Err(e) => panic!("create: {}\n{}", e.message(), log()),
+        };
+        if let Err(e) = self.start_container(&id).await {
+            panic!("start: {}\n{}", e.message(), log());
+        }
+        id
     }
 
     /// `StartContainer`.

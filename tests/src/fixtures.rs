@@ -244,6 +244,17 @@ impl Fixtures {
         &self.closures["echoserver"]
     }
 
+    /// What `ls /nix/store` shows in an echoserver container: its closure's base names, sorted.
+    pub fn echoserver_store_listing(&self) -> Vec<String> {
+        let mut bases: Vec<String> = self
+            .echoserver_closure()
+            .iter()
+            .map(|p| store_path_base(p).to_owned())
+            .collect();
+        bases.sort();
+        bases
+    }
+
     /// A cache directory.
     pub fn cache(&self, cache: Cache) -> &Path {
         &self.caches[cache.name()]

@@ -6,6 +6,8 @@
 //! - [`cache_server`]: a real HTTP/1.1 + h2c server on 127.0.0.1 serving a cache or catalog
 //!   directory, counting requests per path, with fault injection (status codes, dropped
 //!   connections, delays): `CacheServer::serve(dir)`.
+//! - [`node_registry`]: `nixenv registry` serving the shipped empty image on a private port,
+//!   and the package's registry configuration pointed at it.
 //! - [`node`]: the workspace binaries (`nixenv_bin()`, `bin_path(name)`) and a private node
 //!   (temp `state-dir` + `config.toml`): `TestNode::new()`.
 //!
@@ -25,11 +27,13 @@
 //! ```
 
 pub mod cache_server;
+pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod fixtures;
 pub mod images;
 pub mod node;
+pub mod node_registry;
 pub mod podman;
 pub mod wide;
 

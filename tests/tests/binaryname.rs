@@ -90,13 +90,7 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     let spec = ContainerSpec::new("echoserver", "empty:latest")
         .command(&["echoserver"])
         .env("PORT", &port.to_string());
-    let id = match cri.create_container(&pod_id, &pod, &spec).await {
-        Ok(id) => id,
-        Err(err) => panic!("create: {}\n{}", err.message(), c.log()),
-    };
-    if let Err(err) = cri.start_container(&id).await {
-        panic!("start: {}\n{}", err.message(), c.log());
-    }
+    let id = cri.create_and_start(&pod_id, &pod, &spec, || c.log()).await;
 
     let reply = tokio::task::spawn_blocking(move || {
         echo(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
@@ -118,12 +112,7 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
         path.starts_with(&format!("{}/bin:", fx.echoserver)),
         "PATH {path}"
     );
-    let mut want: Vec<String> = fx
-        .echoserver_closure()
-        .iter()
-        .map(|p| store_path_base(p).to_owned())
-        .collect();
-    want.sort();
+    let want = fx.echoserver_store_listing();
     assert_eq!(
         reply.store.as_ref(),
         Some(&want),

@@ -166,7 +166,12 @@ impl MachineGuard {
             (b, mode)
         });
         let mut moved = Vec::new();
-        for p in ["/etc/containerd/conf.d", "/etc/nixenv", "/var/lib/nixenv"] {
+        for p in [
+            "/etc/containerd/conf.d",
+            "/etc/containerd/certs.d",
+            "/etc/nixenv",
+            "/var/lib/nixenv",
+        ] {
             let p = PathBuf::from(p);
             if p.exists() {
                 let aside = PathBuf::from(format!(
@@ -206,7 +211,12 @@ impl Drop for MachineGuard {
                 let _ = fs::remove_file(CONTAINERD_CONFIG);
             }
         }
-        for p in ["/etc/containerd/conf.d", "/etc/nixenv", "/var/lib/nixenv"] {
+        for p in [
+            "/etc/containerd/conf.d",
+            "/etc/containerd/certs.d",
+            "/etc/nixenv",
+            "/var/lib/nixenv",
+        ] {
             let _ = fs::remove_dir_all(p);
         }
         for (orig, aside) in &self.moved {
@@ -459,6 +469,14 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
         containerd.images().iter().any(|i| i == EMPTY_IMAGE),
         "postinst imported the empty image"
     );
+    // docker.io's first host is the node registry of the empty image, read through config_path.
+    let hosts = fs::read_to_string(DOCKER_IO_HOSTS).expect("postinst wrote docker.io's hosts.toml");
+    assert!(hosts.contains(NODE_REGISTRY_HOST), "{hosts}");
+    assert!(
+        after.contains("config_path = \"/etc/containerd/certs.d\""),
+        "{after}"
+    );
+    assert!(Path::new(REGISTRIES_DROPIN).is_file());
 
     // containerd reads the result: the nixenv runtime and the operator's own CRI settings.
     let dump = text(
@@ -624,6 +642,10 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
     );
     assert!(!Path::new("/usr/bin/nixenv").exists());
     assert!(
+        !Path::new("/etc/containerd/certs.d").exists(),
+        "prerm removed the hosts.toml (and dirs) it wrote"
+    );
+    assert!(
         !containerd.images().iter().any(|i| i == EMPTY_IMAGE),
         "prerm removed the image it imported"
     );
@@ -646,6 +668,10 @@ fn deb_installs_configures_containerd_passes_doctor_and_removes_cleanly() {
     assert!(
         !Path::new("/etc/nixenv").exists(),
         "purge removes /etc/nixenv"
+    );
+    assert!(
+        !Path::new(REGISTRIES_DROPIN).exists(),
+        "purge removes the drop-in"
     );
     assert!(!dpkg_status().contains("installed") || dpkg_status().contains("not-installed"));
     drop(containerd);
@@ -746,6 +772,10 @@ fn rpm_holds_the_same_files_as_the_deb() {
         "/etc/crio/crio.conf.d/10-nixenv.conf",
         "/usr/share/nixenv/containerd/nixenv-v2.toml",
         "/usr/share/nixenv/containerd/nixenv-v3.toml",
+        "/usr/share/nixenv/containerd/hosts.toml",
+        "/etc/containers/registries.conf.d/50-nixenv-empty.conf",
+        "/usr/lib/systemd/system/nixenv-registry.socket",
+        "/usr/lib/systemd/system/nixenv-registry.service",
         "/usr/share/nixenv/empty-image.tar",
         "/usr/share/nixenv/hooks.d/nixenv-precreate.json",
         "/usr/share/nixenv/hooks.d/nixenv-prestart.json",
@@ -772,6 +802,7 @@ fn rpm_holds_the_same_files_as_the_deb() {
     let rpm_conf: BTreeSet<&str> = rpm_out.lines().collect();
     assert_eq!(deb_conf, rpm_conf);
     assert!(deb_conf.contains("/etc/nixenv/config.toml"));
+    assert!(deb_conf.contains("/etc/containers/registries.conf.d/50-nixenv-empty.conf"));
     let scripts = text(
         &run_ok(
             Command::new("rpm")
@@ -939,10 +970,10 @@ impl NodeConfig {
     fn new() -> NodeConfig {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("share/containerd")).unwrap();
-        for v in ["v2", "v3"] {
+        for f in ["nixenv-v2.toml", "nixenv-v3.toml", "hosts.toml"] {
             fs::copy(
-                format!("{WORKSPACE}/packaging/containerd/nixenv-{v}.toml"),
-                dir.path().join(format!("share/containerd/nixenv-{v}.toml")),
+                format!("{WORKSPACE}/packaging/containerd/{f}"),
+                dir.path().join(format!("share/containerd/{f}")),
             )
             .unwrap();
         }
@@ -955,6 +986,10 @@ impl NodeConfig {
     fn dropin(&self) -> PathBuf {
         self.dir.path().join("etc/conf.d/nixenv.toml")
     }
+    /// The default certs.d root (`NIXENV_CONTAINERD_CERTS_D`).
+    fn certs_d(&self) -> PathBuf {
+        self.dir.path().join("etc/certs.d")
+    }
     /// Runs `node-config ACTION`; `containerd` is the binary used for version and validation.
     fn run(&self, action: &str, containerd: &str) -> String {
         let d = self.dir.path();
@@ -964,6 +999,7 @@ impl NodeConfig {
                 .arg(action)
                 .env("NIXENV_CONTAINERD_CONFIG", self.config())
                 .env("NIXENV_CONTAINERD_CONFD", d.join("etc/conf.d"))
+                .env("NIXENV_CONTAINERD_CERTS_D", self.certs_d())
                 .env("NIXENV_CONTAINERD_ADDRESS", d.join("none.sock"))
                 .env("NIXENV_CONTAINERD_BIN", containerd)
                 .env("NIXENV_PKG_STATE", d.join("record"))
@@ -973,6 +1009,157 @@ impl NodeConfig {
         );
         text(&out.stderr)
     }
+}
+
+const NODE_REGISTRY_HOST: &str = "[host.\"http://127.0.0.1:7475\"]";
+const DOCKER_IO_HOSTS: &str = "/etc/containerd/certs.d/docker.io/hosts.toml";
+const REGISTRIES_DROPIN: &str = "/etc/containers/registries.conf.d/50-nixenv-empty.conf";
+
+#[test]
+fn node_config_puts_the_node_registry_first_for_docker_io_and_undoes_exactly_that() {
+    if !have("awk") || !have("sha256sum") {
+        eprintln!("skipped: needs awk and sha256sum");
+        return;
+    }
+    let real = if have("containerd") && containerd_major() == Some(1) {
+        "containerd"
+    } else {
+        "/nonexistent/containerd"
+    };
+    let shipped =
+        fs::read_to_string(format!("{WORKSPACE}/packaging/containerd/hosts.toml")).unwrap();
+
+    // No hosts.toml for docker.io: the shipped one is written, and removed with its dirs.
+    // containerd 1.x reads it only with `config_path`: set in the default config's empty line.
+    let n = NodeConfig::new();
+    let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"\"\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors]\n";
+    fs::write(n.config(), v2).unwrap();
+    n.run("install", real);
+    let hosts = n.certs_d().join("docker.io/hosts.toml");
+    assert_eq!(fs::read_to_string(&hosts).unwrap(), shipped);
+    let c = fs::read_to_string(n.config()).unwrap();
+    assert!(
+        c.contains(&format!(
+            "\n  config_path = \"{}\"  # added by nixenv\n",
+            n.certs_d().display()
+        )),
+        "{c}"
+    );
+    assert!(!c.contains("config_path = \"\""), "{c}");
+    n.run("install", real); // idempotent
+    assert_eq!(fs::read_to_string(n.config()).unwrap(), c);
+    assert_eq!(fs::read_to_string(&hosts).unwrap(), shipped);
+    // The operator edits the config after install: our line goes back to what it was.
+    fs::write(n.config(), c.clone() + "# operator\n").unwrap();
+    n.run("remove", real);
+    assert_eq!(
+        fs::read_to_string(n.config()).unwrap(),
+        format!("{v2}# operator\n")
+    );
+    assert!(!n.certs_d().exists(), "certs.d created by nixenv is gone");
+
+    // The operator's hosts.toml: our host goes first, their hosts and server stay; undo is exact.
+    let n = NodeConfig::new();
+    fs::write(n.config(), "version = 2\n").unwrap();
+    fs::create_dir_all(n.certs_d().join("docker.io")).unwrap();
+    let hosts = n.certs_d().join("docker.io/hosts.toml");
+    let theirs = "server = \"https://registry-1.docker.io\"\n\n[host.\"https://mirror.example\"]\n  capabilities = [\"pull\"]\n";
+    fs::write(&hosts, theirs).unwrap();
+    n.run("install", real);
+    let merged = fs::read_to_string(&hosts).unwrap();
+    let ours = merged.find(NODE_REGISTRY_HOST).expect("our host added");
+    let mirror = merged.find("[host.\"https://mirror.example\"]").unwrap();
+    assert!(ours < mirror, "ours first: {merged}");
+    assert!(
+        merged.starts_with("server = \"https://registry-1.docker.io\"\n"),
+        "{merged}"
+    );
+    // The config had no registry table: nixenv's block sets config_path.
+    let c = fs::read_to_string(n.config()).unwrap();
+    assert!(
+        c.contains("[plugins.\"io.containerd.grpc.v1.cri\".registry]"),
+        "{c}"
+    );
+    n.run("install", real);
+    assert_eq!(fs::read_to_string(&hosts).unwrap(), merged);
+    n.run("remove", real);
+    assert_eq!(fs::read_to_string(&hosts).unwrap(), theirs);
+    assert_eq!(fs::read_to_string(n.config()).unwrap(), "version = 2\n");
+
+    // Edited after install: only our table goes.
+    let n = NodeConfig::new();
+    fs::write(n.config(), "version = 2\n").unwrap();
+    fs::create_dir_all(n.certs_d().join("docker.io")).unwrap();
+    let hosts = n.certs_d().join("docker.io/hosts.toml");
+    fs::write(&hosts, theirs).unwrap();
+    n.run("install", real);
+    let edited = fs::read_to_string(&hosts).unwrap() + "# operator\n";
+    fs::write(&hosts, &edited).unwrap();
+    let log = n.run("remove", real);
+    assert!(log.contains("removed only the nixenv host"), "{log}");
+    assert_eq!(
+        fs::read_to_string(&hosts).unwrap(),
+        format!("{theirs}# operator\n")
+    );
+
+    // The operator's own config_path: left as is, our hosts.toml goes into its first root.
+    let n = NodeConfig::new();
+    let own_root = n.dir.path().join("srv/certs");
+    let own = format!(
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}:/etc/docker/certs.d\"\n",
+        own_root.display()
+    );
+    fs::write(n.config(), &own).unwrap();
+    n.run("install", real);
+    let c = fs::read_to_string(n.config()).unwrap();
+    assert_eq!(c.matches("config_path").count(), 1, "{c}");
+    assert_eq!(
+        fs::read_to_string(own_root.join("docker.io/hosts.toml")).unwrap(),
+        shipped
+    );
+    assert!(!n.certs_d().exists());
+    n.run("remove", real);
+    assert_eq!(fs::read_to_string(n.config()).unwrap(), own);
+    assert!(!own_root.join("docker.io").exists());
+
+    // registry.mirrors (refused by containerd together with config_path): not set, and said.
+    let n = NodeConfig::new();
+    let mirrors = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://m.example\"]\n";
+    fs::write(n.config(), mirrors).unwrap();
+    let log = n.run("install", real);
+    assert!(log.contains("registry.mirrors"), "{log}");
+    assert!(!fs::read_to_string(n.config())
+        .unwrap()
+        .contains("config_path"));
+    n.run("remove", real);
+    assert_eq!(fs::read_to_string(n.config()).unwrap(), mirrors);
+
+    // Version 3: config_path in the drop-in (imports override the main file's empty value).
+    let n = NodeConfig::new();
+    fs::write(
+        n.config(),
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = ''\n",
+    )
+    .unwrap();
+    n.run("install", "/nonexistent/containerd");
+    let dropin = fs::read_to_string(n.dropin()).unwrap();
+    assert!(
+        dropin.contains(&format!(
+            "[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"{}\"",
+            n.certs_d().display()
+        )),
+        "{dropin}"
+    );
+    n.run("remove", "/nonexistent/containerd");
+    assert!(!n.certs_d().exists());
+}
+
+/// The major version of the host's containerd, if any.
+fn containerd_major() -> Option<u32> {
+    let out = Command::new("containerd").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find_map(|w| w.trim_start_matches('v').split('.').next()?.parse().ok())
 }
 
 #[test]

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nixenv_testkit::fixtures::{echo, store_path_base, EchoReply};
+use nixenv_testkit::node_registry::{
+    archive_manifest_digest, shipped_config, shipped_empty_archive, NodeRegistry,
+};
 use nixenv_testkit::podman::Podman;
 use nixenv_testkit::{env_var, free_port, Cache, Fixtures, ServedNode, TestNode};
 
@@ -589,4 +592,41 @@ fn a_bad_reference_fails_podman_run_with_the_one_line_error() {
             "{reference}"
         );
     }
+}
+
+/// The package's `registries.conf.d` drop-in: podman (and CRI-O, through the same
+/// containers-image) resolves the short name `empty` by its alias and pulls it from the node
+/// registry, its mirror: no network, no unqualified-search registries.
+#[test]
+fn podman_pulls_empty_by_short_name_from_the_node_registry() {
+    let registry = NodeRegistry::start().expect("start nixenv registry");
+    let manifest = archive_manifest_digest(&shipped_empty_archive()).unwrap();
+    let podman = Podman::new();
+    let conf = podman.dir().join("registries.conf");
+    std::fs::write(
+        &conf,
+        shipped_config("containers/50-nixenv-empty.conf", registry.addr()),
+    )
+    .unwrap();
+    let out = podman
+        .command()
+        .env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .args(["pull", "empty:latest"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podman pull empty:latest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = podman
+        .ok(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Digest}}",
+            "docker.io/library/empty:latest",
+        ])
+        .unwrap();
+    assert_eq!(digest.trim(), manifest);
 }

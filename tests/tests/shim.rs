@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nixenv_testkit::containerd::{Containerd, RuntimeHandler};
+use nixenv_testkit::cni::LoopbackNetwork;
+use nixenv_testkit::containerd::{self, Containerd, ContainerdBuilder, RuntimeHandler};
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
-use nixenv_testkit::fixtures::{echo, store_path_base};
+use nixenv_testkit::fixtures::{echo, EchoReply};
 use nixenv_testkit::{
     cgroup_dir, free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode,
     TestNode,
@@ -25,6 +26,14 @@ fn shim_dir() -> PathBuf {
 /// containerd with the `nixenv` and `runc` handlers, the busybox and empty images, and
 /// `NIXENV_CONFIG` from `node` if given.
 fn containerd(node: Option<&TestNode>) -> Containerd {
+    start_containerd(node, |b| b)
+}
+
+/// [`containerd`], its builder first changed by `more`.
+fn start_containerd(
+    node: Option<&TestNode>,
+    more: impl FnOnce(ContainerdBuilder) -> ContainerdBuilder,
+) -> Containerd {
     let mut b = Containerd::builder()
         .handler(RuntimeHandler::runc())
         .handler(RuntimeHandler::nixenv())
@@ -33,7 +42,7 @@ fn containerd(node: Option<&TestNode>) -> Containerd {
     if let Some(node) = node {
         b = b.env("NIXENV_CONFIG", node.write_config());
     }
-    let c = b.start().expect("start containerd");
+    let c = more(b).start().expect("start containerd");
     c.import(&images::busybox_image()).expect("import busybox");
     c.import(&images::empty_image()).expect("import empty");
     c
@@ -312,12 +321,7 @@ async fn mission_pod_serves_from_its_closure() {
         path.starts_with(&format!("{}/bin:{}/bin", fx.echoserver, fx.busybox)),
         "PATH {path}"
     );
-    let mut want: Vec<String> = fx
-        .echoserver_closure()
-        .iter()
-        .map(|p| store_path_base(p).to_owned())
-        .collect();
-    want.sort();
+    let want = fx.echoserver_store_listing();
     assert_eq!(
         reply.store,
         Some(want.clone()),
@@ -362,6 +366,178 @@ async fn mission_pod_serves_from_its_closure() {
         env.node.pins()
     );
     cri.delete_pod(&pod_id).await.unwrap();
+    c.assert_clean().await;
+}
+
+/// containerd for user-namespaced pods of `env`'s node: the pods' network is the loopback-only
+/// CNI network (kept alive by the first value).
+async fn userns_containerd(env: &ServedNode) -> (LoopbackNetwork, Containerd, Cri) {
+    let net = LoopbackNetwork::new().unwrap();
+    let c = start_containerd(Some(&env.node), |b| b.cni(&net.bin_dir(), &net.conf_dir()));
+    let cri = Cri::connect(c.address()).await.unwrap();
+    (net, c, cri)
+}
+
+/// A running pod `name` of `acme/echoserver` on the nixenv handler, in its own user namespace
+/// (container 0 is host 65536).
+async fn userns_pod(cri: &mut Cri, c: &Containerd, name: &str) -> (PodSpec, String) {
+    let pod = PodSpec::new(name)
+        .handler("nixenv")
+        .annotation("nix.dev/environment", "acme/echoserver")
+        .user_namespace(65536, 65536);
+    match cri.run_pod(&pod).await {
+        Ok(id) => (pod, id),
+        Err(e) => panic!("run pod: {}\n{}", e.message(), c.log()),
+    }
+}
+
+/// `sh -c script` in container `id`, which must succeed: its standard output.
+async fn sh_ok(cri: &mut Cri, id: &str, script: &str) -> String {
+    let r = cri
+        .exec_sync(id, &["sh", "-c", script], 20)
+        .await
+        .expect("exec");
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.exit_code, 0, "{script}: {out} {err}");
+    out
+}
+
+/// Kubernetes `hostUsers: false` (GA in 1.36): the pod has its own user namespace, container
+/// uid 0 is host uid 65536. The store binds are idmapped, so the closure is owned by the
+/// container's root, readable, and serves as in any pod; the pod's sandbox runs on the nixenv
+/// handler too, its rootfs (an idmapped overlay, which containerd 2.x asks the shim for) as
+/// well. containerd 1.x has no user namespaces in CRI: skipped there, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_pod_sees_its_closure_owned_by_its_root() {
+    let major = containerd::major_version();
+    if major < 2 {
+        eprintln!(
+            "skipped: containerd {major}.x ({}) has no user namespaces in CRI (userns_options); run tests/matrix sid",
+            containerd::containerd_binary().display()
+        );
+        return;
+    }
+    let fx = Fixtures::get();
+    let env = nix_env();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
+    let port = free_port();
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns").await;
+    let spec = ContainerSpec::new("echoserver", "empty:latest")
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    let id = cri.create_and_start(&pod_id, &pod, &spec, || c.log()).await;
+
+    // The container is user-namespaced: its root is host uid 65536.
+    let uid_map = sh_ok(&mut cri, &id, "cat /proc/self/uid_map").await;
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "65536", "65536"],
+        "{uid_map}"
+    );
+
+    // It serves from its closure (over the pod's own loopback, from inside the pod).
+    let mut reply = None;
+    for _ in 0..100 {
+        let r = cri
+            .exec_sync(
+                &id,
+                &["wget", "-qO-", &format!("http://127.0.0.1:{port}/")],
+                10,
+            )
+            .await
+            .expect("exec wget");
+        if r.exit_code == 0 {
+            reply = Some(String::from_utf8_lossy(&r.stdout).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply: EchoReply =
+        serde_json::from_str(&reply.expect("echoserver answers in the pod")).unwrap();
+    assert_eq!(reply.message.as_deref(), Some("hello from nix"));
+    assert_eq!((reply.uid, reply.gid), (0, 0));
+    let want = fx.echoserver_store_listing();
+    assert_eq!(reply.store, Some(want), "only the closure under /nix/store");
+
+    // Every closure path, and what is in it, is the container root's (not nobody's), and
+    // readable; the store stays read-only.
+    let owners = sh_ok(
+        &mut cri,
+        &id,
+        &format!(
+            "stat -c '%u:%g %n' {p} {p}/bin/echoserver {b} {b}/bin/busybox; head -c 4 {p}/bin/echoserver | od -An -c",
+            p = fx.echoserver,
+            b = fx.busybox
+        ),
+    )
+    .await;
+    let mut lines = owners.lines();
+    for path in [
+        fx.echoserver.clone(),
+        format!("{}/bin/echoserver", fx.echoserver),
+        fx.busybox.clone(),
+        format!("{}/bin/busybox", fx.busybox),
+    ] {
+        assert_eq!(
+            lines.next(),
+            Some(format!("0:0 {path}").as_str()),
+            "{owners}"
+        );
+    }
+    assert_eq!(
+        lines
+            .next()
+            .map(|l| l.split_whitespace().collect::<String>()),
+        Some("177ELF".to_string()),
+        "{owners}"
+    );
+    let r = cri
+        .exec_sync(&id, &["touch", &format!("{}/owned", fx.echoserver)], 10)
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0, "the store is read-only");
+
+    cri.stop_container(&id, 10).await.unwrap();
+    cri.wait_exited(&id, Duration::from_secs(10)).await.unwrap();
+    cri.remove_container(&id).await.unwrap();
+    assert!(env.node.pins().is_empty(), "remove unpins");
+    cri.delete_pod(&pod_id).await.unwrap();
+    c.assert_clean().await;
+}
+
+/// The same pod where runc cannot idmap (runc 1.1: Debian trixie's, with containerd 1.7,
+/// which has user namespaces in CRI): the container fails to start with one line naming the
+/// environment and the cause, instead of running with a store owned by `nobody`. Skipped, with
+/// the reason, where containerd has no user namespaces (1.6) or runc can idmap (1.2+).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_pod_on_a_runc_without_idmap_fails_in_one_line() {
+    let features = std::process::Command::new("runc")
+        .arg("features")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if nixenv_core::spec::idmap::features_idmap(&features).unwrap_or(false) {
+        eprintln!("skipped: this runc makes idmapped mounts (user_namespaced_pod_sees_its_closure_owned_by_its_root covers it)");
+        return;
+    }
+    let env = nix_env();
+    let (_net, c, mut cri) = userns_containerd(&env).await;
+    let version = cri.version().await.unwrap().runtime_version;
+    if version.trim_start_matches('v').starts_with("1.6") {
+        eprintln!("skipped: containerd {version} has no user namespaces in CRI (userns_options); run tests/matrix trixie");
+        return;
+    }
+    let (pod, pod_id) = userns_pod(&mut cri, &c, "userns-old-runc").await;
+    let spec = ContainerSpec::new("echoserver", "empty:latest").command(&["echoserver"]);
+    let err = match cri.create_container(&pod_id, &pod, &spec).await {
+        Ok(id) => cri.start_container(&id).await.expect_err("the start fails"),
+        Err(e) => e,
+    };
+    let line = "acme/echoserver: the pod has a user namespace but runc cannot make idmapped mounts (`runc features` reports no linux.mountExtensions.idmap; runc 1.2 or newer can), so the store would appear owned by nobody";
+    assert!(err.message().contains(line), "{}", err.message());
+    assert!(env.node.pins().is_empty(), "nothing pinned");
+    remove_pod(&mut cri, &pod_id).await;
     c.assert_clean().await;
 }
 

@@ -5,6 +5,8 @@
 //!   creates the bind mountpoints in it before remounting it read-only (checked on runc 1.1).
 //! - One bind mount per closure path: `/nix/store/<base>` from `{store}/<base>`,
 //!   `rbind,ro,nosuid,nodev`. Mounts the spec already had at or below `/nix/store` are dropped.
+//!   In a user-namespaced spec each bind is idmapped with the container's own mappings
+//!   ([`super::idmap`]), so the store appears owned by the container's root.
 //! - A variable's value is its last entry in `process.env`, as runc reads it (it sets each
 //!   entry in order; CRI-O's specs carry two `PATH` entries, its default first and the image's
 //!   later). Every variable the rewrite sets ends with exactly one entry, holding the value it
@@ -24,6 +26,7 @@ use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{Mount, Spec};
 
+use super::idmap::user_mappings;
 use crate::environment::EnvVars;
 use crate::nix::{StorePath, STORE_DIR};
 
@@ -179,7 +182,13 @@ pub fn rewrite(
         .into_iter()
         .filter(|m| !is_under_store(m.destination()))
         .collect();
-    mounts.extend(closure_mounts(env.closure, store_dir));
+    let mut ours = closure_mounts(env.closure, store_dir);
+    if let Some(mappings) = user_mappings(spec) {
+        ours.iter_mut()
+            .filter(|m| m.typ().as_deref() == Some("bind"))
+            .for_each(|m| mappings.idmap(m));
+    }
+    mounts.extend(ours);
     spec.set_mounts(Some(mounts));
 
     let Some(process) = spec.process_mut().as_mut() else {
@@ -344,6 +353,63 @@ mod tests {
             s.process().as_ref().unwrap().args().clone().unwrap(),
             ["echoserver", "--port", "8080"]
         );
+    }
+
+    #[test]
+    fn in_a_user_namespace_the_binds_are_idmapped_with_the_containers_mappings() {
+        use oci_spec::runtime::{LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType};
+        let map = |c: u32, h: u32, n: u32| {
+            LinuxIdMappingBuilder::default()
+                .container_id(c)
+                .host_id(h)
+                .size(n)
+                .build()
+                .unwrap()
+        };
+        let mut s = spec(&[]);
+        let linux = s.linux_mut().as_mut().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::User)
+                .path("/run/userns/pod")
+                .build()
+                .unwrap(),
+        );
+        linux
+            .set_namespaces(Some(namespaces))
+            .set_uid_mappings(Some(vec![map(0, 65536, 65536)]))
+            .set_gid_mappings(Some(vec![map(0, 65536, 65536)]));
+        let defaults = s.mounts().clone().unwrap();
+        apply(&mut s, "acme/echoserver", Some(2), &EnvVars::default());
+        let mounts = s.mounts().clone().unwrap();
+        let tmpfs_at = mounts
+            .iter()
+            .position(|m| m.destination() == Path::new(STORE_DIR))
+            .unwrap();
+        // The spec's other mounts (containerd's) are left alone.
+        assert!(mounts[..tmpfs_at]
+            .iter()
+            .all(|m| m.uid_mappings().is_none() && defaults.contains(m)));
+        let j = serde_json::to_value(&mounts[tmpfs_at..]).unwrap();
+        let ids = serde_json::json!([{"containerID": 0, "hostID": 65536, "size": 65536}]);
+        let bind = |p: &str| {
+            serde_json::json!({"destination": p, "type": "bind",
+                "source": format!("/var/lib/nixenv/store/{}", &p["/nix/store/".len()..]),
+                "options": ["rbind", "ro", "nosuid", "nodev", "ridmap"],
+                "uidMappings": ids, "gidMappings": ids})
+        };
+        assert_eq!(
+            j,
+            serde_json::json!([
+                {"destination": "/nix/store", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=755", "ro"]},
+                bind(B), bind(C), bind(D), bind(A),
+            ])
+        );
+        let mut twice = s.clone();
+        apply(&mut twice, "acme/echoserver", Some(2), &EnvVars::default());
+        assert_eq!(s, twice, "idempotent");
     }
 
     #[test]
