@@ -53,6 +53,38 @@ const CREATE_BOOL_FLAGS: &[&str] = &[
 ];
 /// Boolean flags of `delete`.
 const DELETE_BOOL_FLAGS: &[&str] = &["force", "f", "help", "h"];
+/// Value-taking flags of `exec` (runc 1.1–1.3).
+const EXEC_VALUE_FLAGS: &[&str] = &[
+    "console-socket",
+    "pidfd-socket",
+    "pid-file",
+    "process",
+    "p",
+    "cwd",
+    "env",
+    "e",
+    "user",
+    "u",
+    "additional-gids",
+    "g",
+    "cap",
+    "c",
+    "apparmor",
+    "process-label",
+    "preserve-fds",
+    "cgroup",
+];
+/// Boolean flags of `exec`.
+const EXEC_BOOL_FLAGS: &[&str] = &[
+    "tty",
+    "t",
+    "detach",
+    "d",
+    "no-new-privs",
+    "ignore-paused",
+    "help",
+    "h",
+];
 
 /// runc's `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,8 +124,30 @@ pub enum Action {
         /// The container id.
         id: OsString,
     },
+    /// `exec`: give the process the environment changes of container `id`, if it has any.
+    Exec {
+        /// The container id (the first positional: the command, if any, follows it).
+        id: OsString,
+        /// `--process`/`-p`, if given (else the process comes from positional arguments and
+        /// runc builds it from the container's own, rewritten, config).
+        process: Option<ProcessArg>,
+        /// `--preserve-fds`: descriptors 3 to 3+N-1 go to the process.
+        preserve_fds: u32,
+    },
     /// Anything else (including a `create` without an id, which runc itself will refuse).
     PassThrough,
+}
+
+/// Where `exec`'s `--process` file is named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessArg {
+    /// The file.
+    pub path: OsString,
+    /// The index in argv (without `argv[0]`) of the word holding the path: the flag's own
+    /// (`--process=FILE`) or the next one (`--process FILE`).
+    pub index: usize,
+    /// For `--process=FILE` (or `-p=FILE`), the word up to and including the `=`.
+    pub inline_prefix: Option<OsString>,
 }
 
 /// A parsed command line.
@@ -186,7 +240,7 @@ pub fn parse(args: &[OsString]) -> Invocation {
     };
     let action = match subcommand.and_then(OsStr::to_str) {
         Some(sub @ ("create" | "run")) => {
-            let parsed = parse_sub(rest, CREATE_VALUE_FLAGS, CREATE_BOOL_FLAGS);
+            let parsed = parse_sub(rest, CREATE_VALUE_FLAGS, CREATE_BOOL_FLAGS, Layout::IdLast);
             match parsed.positionals.last() {
                 Some(id) if !parsed.help => Action::Prepare {
                     subcommand: if sub == "create" { "create" } else { "run" },
@@ -197,9 +251,33 @@ pub fn parse(args: &[OsString]) -> Invocation {
             }
         }
         Some("delete") => {
-            let parsed = parse_sub(rest, &[], DELETE_BOOL_FLAGS);
+            let parsed = parse_sub(rest, &[], DELETE_BOOL_FLAGS, Layout::IdLast);
             match parsed.positionals.last() {
                 Some(id) if !parsed.help => Action::Delete { id: id.clone() },
+                _ => Action::PassThrough,
+            }
+        }
+        Some("exec") => {
+            let offset = (i + 1).min(args.len());
+            let parsed = parse_sub(
+                rest,
+                EXEC_VALUE_FLAGS,
+                EXEC_BOOL_FLAGS,
+                Layout::IdThenCommand,
+            );
+            match parsed.positionals.first() {
+                Some(id) if !parsed.help => Action::Exec {
+                    id: id.clone(),
+                    process: parsed.last(&["process", "p"]).map(|v| ProcessArg {
+                        path: v.value.clone(),
+                        index: offset + v.index,
+                        inline_prefix: v.inline_prefix.clone(),
+                    }),
+                    preserve_fds: parsed
+                        .value_of(&["preserve-fds"])
+                        .and_then(|v| v.to_str()?.parse().ok())
+                        .unwrap_or(0),
+                },
                 _ => Action::PassThrough,
             }
         }
@@ -208,24 +286,86 @@ pub fn parse(args: &[OsString]) -> Invocation {
     Invocation { global, action }
 }
 
+/// A flag's value as given on the command line.
+struct FlagValue {
+    name: String,
+    value: OsString,
+    /// The index (in the subcommand's arguments) of the word holding the value.
+    index: usize,
+    /// For `--flag=value`, the word up to and including the `=`.
+    inline_prefix: Option<OsString>,
+}
+
 struct SubArgs {
-    values: Vec<(String, OsString)>,
+    values: Vec<FlagValue>,
     positionals: Vec<OsString>,
     help: bool,
 }
 
 impl SubArgs {
     /// The last value given for any of `names` (Go's flag package keeps the last).
-    fn value_of(&self, names: &[&str]) -> Option<OsString> {
+    fn last(&self, names: &[&str]) -> Option<&FlagValue> {
         self.values
             .iter()
             .rev()
-            .find(|(n, _)| names.contains(&n.as_str()))
-            .map(|(_, v)| v.clone())
+            .find(|v| names.contains(&v.name.as_str()))
+    }
+
+    fn value_of(&self, names: &[&str]) -> Option<OsString> {
+        self.last(names).map(|v| v.value.clone())
+    }
+
+    /// Records the value of flag `name` at `args[i]` (`inline` after its `=`, else the next
+    /// word if it `takes_value`); returns how many words after `args[i]` it used.
+    fn take_value(
+        &mut self,
+        args: &[OsString],
+        i: usize,
+        name: &str,
+        inline: Option<&OsStr>,
+        takes_value: bool,
+    ) -> usize {
+        let (value, index, prefix) = match inline {
+            Some(v) => (v.to_owned(), i, Some(inline_prefix(&args[i], v))),
+            None if takes_value => match args.get(i + 1) {
+                Some(v) => (v.clone(), i + 1, None),
+                None => return 1,
+            },
+            None => return 0,
+        };
+        self.values.push(FlagValue {
+            name: name.to_owned(),
+            value,
+            index,
+            inline_prefix: prefix,
+        });
+        index - i
     }
 }
 
-fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> SubArgs {
+/// A flag word's part up to and including its `=`, when it has an inline value.
+fn inline_prefix(arg: &OsStr, value: &OsStr) -> OsString {
+    let b = arg.as_bytes();
+    OsStr::from_bytes(&b[..b.len() - value.len()]).to_owned()
+}
+
+/// Where a subcommand's container id sits among its positionals.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `create`, `run`, `delete`: the id is the last positional, flags may follow it (runc
+    /// reorders them); an unknown flag takes the next word if another positional follows.
+    IdLast,
+    /// `exec`: flags, the id, then the command, whose words are all positionals (runc does not
+    /// reorder exec's arguments); unknown flags are taken as boolean.
+    IdThenCommand,
+}
+
+fn parse_sub(
+    args: &[OsString],
+    value_flags: &[&str],
+    bool_flags: &[&str],
+    layout: Layout,
+) -> SubArgs {
     let mut out = SubArgs {
         values: Vec::new(),
         positionals: Vec::new(),
@@ -239,6 +379,10 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
             break;
         }
         match split_flag(arg) {
+            None if layout == Layout::IdThenCommand => {
+                out.positionals.extend(args[i..].iter().cloned());
+                break;
+            }
             None => out.positionals.push(arg.to_owned()),
             Some((name, inline)) => {
                 if name == "help" || name == "h" {
@@ -246,7 +390,7 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
                 }
                 let takes_value = if value_flags.contains(&name) {
                     true
-                } else if bool_flags.contains(&name) {
+                } else if bool_flags.contains(&name) || layout == Layout::IdThenCommand {
                     false
                 } else {
                     // Unknown flag: a following non-flag word is its value only if another
@@ -255,16 +399,7 @@ fn parse_sub(args: &[OsString], value_flags: &[&str], bool_flags: &[&str]) -> Su
                         && args.get(i + 1).is_some_and(|n| !is_flag(n))
                         && args[i + 2..].iter().any(|a| !is_flag(a))
                 };
-                match inline {
-                    Some(v) => out.values.push((name.to_owned(), v.to_owned())),
-                    None if takes_value => {
-                        if let Some(v) = args.get(i + 1) {
-                            out.values.push((name.to_owned(), v.clone()));
-                        }
-                        i += 1;
-                    }
-                    None => {}
-                }
+                i += out.take_value(args, i, name, inline, takes_value);
             }
         }
         i += 1;
@@ -306,7 +441,6 @@ mod tests {
             ("--root /run/containerd/runc/k8s.io --log /x/log.json --log-format json start c1", Action::PassThrough),
             ("--root /run/containerd/runc/k8s.io --log /x/log.json --log-format json kill --all c1 9", Action::PassThrough),
             ("--root /run/containerd/runc/k8s.io --log /x/log.json --log-format json state c1", Action::PassThrough),
-            ("--root /r --log /x/log.json --log-format json exec --process /tmp/p.json --detach --pid-file /tmp/e.pid c1", Action::PassThrough),
             ("--rootless=false --root /r create --bundle /b c3", prepare("create", Some("/b"), "c3")),
             // conmon as CRI-O drives it (runtime args first, then create).
             (
@@ -354,6 +488,59 @@ mod tests {
             ("--root /r", Action::PassThrough),
             ("list", Action::PassThrough),
             ("spec --bundle /b", Action::PassThrough),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&inv(line).action, want, "{line}");
+        }
+    }
+
+    fn exec(id: &str, process: Option<(&str, usize, Option<&str>)>, preserve_fds: u32) -> Action {
+        Action::Exec {
+            id: id.into(),
+            process: process.map(|(path, index, prefix)| ProcessArg {
+                path: path.into(),
+                index,
+                inline_prefix: prefix.map(OsString::from),
+            }),
+            preserve_fds,
+        }
+    }
+
+    #[test]
+    fn exec_invocations_as_runtimes_issue_them() {
+        let cases: &[(&str, Action)] = &[
+            // containerd's runc shim (go-runc).
+            (
+                "--root /r --log /x/log.json --log-format json exec --process /tmp/p.json --detach --pid-file /tmp/e.pid c1",
+                exec("c1", Some(("/tmp/p.json", 8, None)), 0),
+            ),
+            // conmon for CRI-O's ExecSync (runtime args, then exec's own).
+            (
+                "--root=/run/runc exec --pid-file /tmp/pidfile1 --process /tmp/exec-process-1 --detach c1",
+                exec("c1", Some(("/tmp/exec-process-1", 5, None)), 0),
+            ),
+            // CRI-O's streaming Exec, without conmon.
+            (
+                "--root /run/runc --systemd-cgroup exec --process /tmp/exec-process-2 c1",
+                exec("c1", Some(("/tmp/exec-process-2", 5, None)), 0),
+            ),
+            // podman through conmon, with a terminal.
+            (
+                "--root /run/runc --log-format=json --log=/u/oci-log exec --pid-file /u/p --process /u/exec.json --detach --tty --console-socket /tmp/s c1",
+                exec("c1", Some(("/u/exec.json", 8, None)), 0),
+            ),
+            ("exec -p /p.json c2", exec("c2", Some(("/p.json", 2, None)), 0)),
+            ("exec --process=/p.json c3", exec("c3", Some(("/p.json", 1, Some("--process="))), 0)),
+            ("exec -p=/p.json --preserve-fds 2 c4", exec("c4", Some(("/p.json", 1, Some("-p="))), 2)),
+            // The last --process wins, as in Go's flag package.
+            ("exec -p /a -p /b c5", exec("c5", Some(("/b", 4, None)), 0)),
+            // Positional process: id first, the command (with its own flags) after.
+            ("exec -t c6 sh -c --process", exec("c6", None, 0)),
+            ("exec --env A=1 --user 0:0 c7 ls -l", exec("c7", None, 0)),
+            ("exec -- c8 ls", exec("c8", None, 0)),
+            ("exec", Action::PassThrough),
+            ("exec --help c1", Action::PassThrough),
+            ("exec --process /p.json", Action::PassThrough),
         ];
         for (line, want) in cases {
             assert_eq!(&inv(line).action, want, "{line}");

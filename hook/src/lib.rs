@@ -6,6 +6,8 @@
 //! - [`runc_log`]: errors in runc's log format;
 //! - [`exec`]: finding and starting the real runc (the process edge);
 //! - [`wrapper`]: the nixenv-runc flow;
+//! - [`exec_env`]: the environment changes an exec into a prepared container gets (the
+//!   per-container record, the rewritten process file);
 //! - [`hook`]: the hook stages;
 //! - [`shim`]: the containerd shim's preparing process (`shim-prepare`, `shim-release`, `shim-config`;
 //!   the `nixenv-shim-protocol` crate, failures sent with their kind);
@@ -15,6 +17,7 @@
 
 pub mod args;
 pub mod exec;
+pub mod exec_env;
 pub mod hook;
 pub mod node;
 pub mod prestart;

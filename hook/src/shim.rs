@@ -204,15 +204,7 @@ fn prepare_bundle<N: Node>(node: &mut N, req: &PrepareRequest) -> Result<Reply, 
                 generation: p.generation,
                 paths: p.closure.len(),
                 runc,
-                env: p
-                    .env
-                    .into_iter()
-                    .map(|c| EnvChange {
-                        name: c.name,
-                        before: c.before,
-                        after: c.after,
-                    })
-                    .collect(),
+                env: crate::exec_env::protocol_changes(p.env),
             }
         }
     })

@@ -74,6 +74,35 @@ pub struct EnvChange {
     pub after: String,
 }
 
+/// Gives an exec's process environment `env` (`KEY=VALUE` entries) the `changes` the rewrite
+/// made to the container's, by runc's rule that the last entry of a key is the one a process
+/// gets: where that entry still has the value from before the rewrite it takes the new one,
+/// where the key is absent the new entry is appended, and where the exec set a value of its
+/// own (the last entry differs from `before`) it is kept.
+///
+/// One rule for every runtime path that builds exec processes from its own copy of the
+/// container's spec: the shim for containerd's execs, `nixenv-runc exec` for CRI-O's,
+/// podman's and containerd's runc shim in `BinaryName` mode.
+pub fn apply_env_changes(changes: &[EnvChange], env: &mut Vec<String>) {
+    for change in changes {
+        let last = env.iter().rposition(|kv| key_value(kv).0 == change.name);
+        let new = format!("{}={}", change.name, change.after);
+        match last {
+            Some(i) => {
+                if change.before.as_deref() == Some(key_value(&env[i]).1) {
+                    env[i] = new;
+                }
+            }
+            None => env.push(new),
+        }
+    }
+}
+
+/// A `KEY=VALUE` entry's key and value (no `=`: all key).
+fn key_value(kv: &str) -> (&str, &str) {
+    kv.split_once('=').unwrap_or((kv, ""))
+}
+
 /// The one line the helper writes on standard output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
@@ -170,5 +199,90 @@ mod tests {
             r#"{"result":"rewritten","reference":"acme/echoserver","generation":2,"paths":4,"runc":null,"env":[{"name":"PATH","before":"/bin","after":"/nix/store/a/bin:/bin"}]}"#
         );
         assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), reply);
+    }
+
+    fn env(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn change(name: &str, before: Option<&str>, after: &str) -> EnvChange {
+        EnvChange {
+            name: name.into(),
+            before: before.map(Into::into),
+            after: after.into(),
+        }
+    }
+
+    /// What the rewrite of a CRI-O-shaped spec reports: PATH built from the image's (last)
+    /// entry, the lock's variable, nixenv's own.
+    fn crio_changes() -> Vec<EnvChange> {
+        vec![
+            change(
+                "PATH",
+                Some("/image/bin:/bin"),
+                "/nix/store/e/bin:/image/bin:/bin",
+            ),
+            change("ECHO_MESSAGE", None, "hi"),
+            change("NIXENV_ENVIRONMENT", None, "acme/echoserver"),
+        ]
+    }
+
+    #[test]
+    fn the_last_entry_of_a_duplicated_key_is_the_one_changed() {
+        let mut exec = env(&[
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOSTNAME=pod",
+            "PATH=/image/bin:/bin",
+        ]);
+        apply_env_changes(&crio_changes(), &mut exec);
+        assert_eq!(
+            exec,
+            env(&[
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOSTNAME=pod",
+                "PATH=/nix/store/e/bin:/image/bin:/bin",
+                "ECHO_MESSAGE=hi",
+                "NIXENV_ENVIRONMENT=acme/echoserver",
+            ])
+        );
+    }
+
+    #[test]
+    fn a_variable_the_exec_set_itself_keeps_its_value() {
+        // The exec's own PATH comes last (its value is not the container's): kept, even though
+        // an earlier entry has the container's value.
+        let mut exec = env(&["PATH=/image/bin:/bin", "PATH=/mine", "ECHO_MESSAGE=own"]);
+        apply_env_changes(&crio_changes(), &mut exec);
+        assert_eq!(
+            exec,
+            env(&[
+                "PATH=/image/bin:/bin",
+                "PATH=/mine",
+                "ECHO_MESSAGE=own",
+                "NIXENV_ENVIRONMENT=acme/echoserver",
+            ])
+        );
+        // An exec that set a variable to the empty string set it too.
+        let mut exec = env(&["PATH=/image/bin:/bin", "ECHO_MESSAGE="]);
+        apply_env_changes(&crio_changes(), &mut exec);
+        assert_eq!(exec[1], "ECHO_MESSAGE=");
+    }
+
+    #[test]
+    fn absent_variables_are_appended() {
+        let mut exec = Vec::new();
+        apply_env_changes(&crio_changes(), &mut exec);
+        assert_eq!(
+            exec,
+            env(&[
+                "PATH=/nix/store/e/bin:/image/bin:/bin",
+                "ECHO_MESSAGE=hi",
+                "NIXENV_ENVIRONMENT=acme/echoserver",
+            ])
+        );
+        // No changes, no difference.
+        let mut exec = env(&["A=1", "A=2"]);
+        apply_env_changes(&[], &mut exec);
+        assert_eq!(exec, env(&["A=1", "A=2"]));
     }
 }

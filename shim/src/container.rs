@@ -134,23 +134,10 @@ fn spec_env(bundle_config: &serde_json::Value) -> Vec<String> {
 }
 
 impl EnvOverlay {
-    /// Applies the changes to an exec's env where it still has the original value.
+    /// Applies the changes to an exec's env by runc's last-entry-wins rule, keeping what the
+    /// exec set itself ([`nixenv_shim_protocol::apply_env_changes`]).
     pub fn apply(&self, env: &mut Vec<String>) {
-        for EnvChange {
-            name: k,
-            before: old,
-            after: new,
-        } in &self.changes
-        {
-            let prefix = format!("{k}=");
-            match env.iter().position(|kv| kv.starts_with(&prefix)) {
-                Some(i) if old.as_deref() == Some(&env[i][prefix.len()..]) => {
-                    env[i] = format!("{k}={new}");
-                }
-                Some(_) => {}
-                None => env.push(format!("{k}={new}")),
-            }
-        }
+        nixenv_shim_protocol::apply_env_changes(&self.changes, env);
     }
 }
 

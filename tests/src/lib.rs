@@ -99,3 +99,38 @@ pub fn host_runc() -> std::path::PathBuf {
         })
         .expect("runc is installed")
 }
+
+/// The directory of `pid`'s cgroup for v1 controller `controller` (on a cgroup v2 host, its
+/// unified directory).
+pub fn cgroup_dir(pid: i32, controller: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let unified = root.join("cgroup.controllers").exists();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .find_map(|line| {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let ours = if unified {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == controller)
+            };
+            let dir = if unified {
+                root.to_owned()
+            } else {
+                root.join(controller)
+            };
+            ours.then(|| dir.join(path.trim_start_matches('/')))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"))
+}
+
+/// The value of `name` in the output of `env` (`NAME=value` lines): its last line, the one a
+/// process sees.
+pub fn env_var(env_output: &str, name: &str) -> Option<String> {
+    env_output
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .rfind(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}

@@ -51,6 +51,9 @@ fn env() -> Env {
     containerd
         .import(&images::empty_image())
         .expect("import empty");
+    containerd
+        .import(&images::busybox_image())
+        .expect("import busybox");
     Env { served, containerd }
 }
 /// The command lines of this containerd's shims.
@@ -70,7 +73,8 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     let port = free_port();
     let pod = PodSpec::new("echoserver")
         .handler("nixenv")
-        .annotation("nix.dev/environment", "acme/echoserver");
+        .annotation("nix.dev/environment", "acme/echoserver")
+        .annotation("nix.dev/skip-containers", "sidecar");
     let pod_id = match cri.run_pod(&pod).await {
         Ok(id) => id,
         Err(err) => panic!("run pod: {}\n{}", err.message(), c.log()),
@@ -128,12 +132,51 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
     );
     assert_eq!(e.served.node.pins(), vec![format!("{id}.json")], "only it");
 
-    // `runc exec` passes straight through the wrapper; the store is read-only. (containerd
-    // builds an exec's process from the spec it generated, not from the rewritten config.json:
-    // an exec gets neither the lock's PATH nor its env, hence the absolute path.)
-    let touch = format!("{}/bin/touch", fx.busybox);
+    // containerd builds an exec's process from the spec it generated, not from the rewritten
+    // config.json; `nixenv-runc exec --process FILE` gives it the rewrite's PATH and env: a
+    // command found by name on the closure's PATH, the lock's variables.
+    let r = cri.exec_sync(&id, &["env"], 10).await.expect("exec env");
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let var = |name: &str| nixenv_testkit::env_var(&out, name);
+    let path = var("PATH").unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:{}/bin:", fx.echoserver, fx.busybox)),
+        "the exec's PATH: {out}"
+    );
+    assert_eq!(
+        var("ECHO_MESSAGE").as_deref(),
+        Some("hello from nix"),
+        "{out}"
+    );
+    assert_eq!(
+        var("NIXENV_ENVIRONMENT").as_deref(),
+        Some("acme/echoserver"),
+        "{out}"
+    );
+    // A container nixenv passed through (the sidecar, skipped) execs as it would on runc.
+    let sidecar = ContainerSpec::new("sidecar", images::BUSYBOX_IMAGE).command(&["sleep", "600"]);
+    let side = cri
+        .create_container(&pod_id, &pod, &sidecar)
+        .await
+        .expect("create sidecar");
+    cri.start_container(&side).await.expect("start sidecar");
+    let r = cri.exec_sync(&side, &["env"], 10).await.expect("exec env");
+    let side_env = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(r.exit_code, 0, "{side_env}");
+    assert!(
+        side_env.lines().any(|l| l.starts_with("PATH=")),
+        "{side_env}"
+    );
+    assert!(
+        !side_env.contains("/nix/store")
+            && !side_env.contains("NIXENV_")
+            && !side_env.contains("ECHO_MESSAGE"),
+        "nothing of nixenv's: {side_env}"
+    );
+    // The store is read-only.
     let r = cri
-        .exec_sync(&id, &[&touch, &format!("{}/owned", fx.echoserver)], 10)
+        .exec_sync(&id, &["touch", &format!("{}/owned", fx.echoserver)], 10)
         .await
         .expect("exec");
     assert_ne!(r.exit_code, 0, "wrote into the store");
@@ -143,6 +186,8 @@ async fn runc_shim_with_binaryname_runs_the_mission_pod() {
         String::from_utf8_lossy(&r.stderr)
     );
 
+    cri.stop_container(&side, 0).await.expect("stop sidecar");
+    cri.remove_container(&side).await.expect("remove sidecar");
     cri.stop_container(&id, 10).await.expect("stop");
     let st = cri.wait_exited(&id, Duration::from_secs(15)).await.unwrap();
     assert_eq!(st.exit_code, 0, "echoserver exits 0 on SIGTERM");

@@ -11,7 +11,7 @@ use nixenv_testkit::node_registry::{
     archive_manifest_digest, shipped_config, shipped_empty_archive, NodeRegistry,
 };
 use nixenv_testkit::podman::Podman;
-use nixenv_testkit::{free_port, Cache, Fixtures, ServedNode, TestNode};
+use nixenv_testkit::{env_var, free_port, Cache, Fixtures, ServedNode, TestNode};
 
 const REAL_RUNC: &str = "/usr/sbin/runc";
 
@@ -204,6 +204,113 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
     for p in Fixtures::get().echoserver_closure() {
         assert!(e.node.store_dir().join(store_path_base(p)).exists(), "{p}");
     }
+}
+
+/// Every `nixenv@<id>` exec record under `dirs` (runc's roots: podman's is under its runroot
+/// or /run/runc).
+fn exec_records(dirs: &[&Path], id: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if e.file_name().to_string_lossy() == name {
+                out.push(e.path());
+            } else if ft.is_dir() && !ft.is_symlink() {
+                walk(&e.path(), name, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        walk(d, &format!("nixenv@{id}"), &mut out);
+    }
+    out
+}
+
+/// `podman exec` builds the exec's process from podman's own copy of the spec and hands it to
+/// `nixenv-runc exec --process FILE`: the exec still gets the closure's PATH (a command found
+/// by name) and the lock's env, keeps a variable it sets itself, and a plain container's exec
+/// through the same runtime gets nothing of nixenv's. The exec record goes with `podman rm`.
+#[test]
+fn podman_exec_sees_the_closure_path_and_env() {
+    let e = env();
+    let fx = Fixtures::get();
+    let podman = Podman::new();
+    let runtime = nixenv_runc_runtime(podman.dir(), &e.node, "");
+    let podman = podman.runtime(runtime);
+    podman.import_empty_image().unwrap();
+    let (name, _) = run_echoserver(&podman, "exec", &[]);
+    let id = container_id(&podman, &name);
+    let roots = [podman.dir(), Path::new("/run/runc")];
+    assert_eq!(
+        exec_records(&roots, &id).len(),
+        1,
+        "create records the env changes"
+    );
+
+    // `env` by bare name: busybox's applet, found on the closure's PATH.
+    let out = podman.output(&["exec", &name, "env"]);
+    assert!(out.status.success(), "podman exec env: {}", stderr(&out));
+    let vars = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = env_var(&vars, "PATH").unwrap_or_default();
+    assert!(
+        path.starts_with(&format!("{}/bin:{}/bin:", fx.echoserver, fx.busybox)),
+        "the closure's bins first: {path}"
+    );
+    assert_eq!(
+        env_var(&vars, "ECHO_MESSAGE").as_deref(),
+        Some("hello from nix")
+    );
+    assert_eq!(
+        env_var(&vars, "NIXENV_ENVIRONMENT").as_deref(),
+        Some("acme/echoserver")
+    );
+    let out = podman.output(&["exec", &name, "sh", "-c", "command -v echoserver"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}/bin/echoserver", fx.echoserver),
+        "{}",
+        stderr(&out)
+    );
+    // A variable the exec sets itself keeps its value.
+    let out = podman.output(&["exec", "-e", "ECHO_MESSAGE=mine", &name, "env"]);
+    let vars = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        env_var(&vars, "ECHO_MESSAGE").as_deref(),
+        Some("mine"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A plain container through the same nixenv-runc: its exec is podman's, untouched.
+    let plain = unique("plain");
+    let out = podman.run(
+        &["-d", "--name", &plain, "-v", "/bin/busybox:/bin/busybox:ro"],
+        &["/bin/busybox", "sleep", "600"],
+    );
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    let plain_id = container_id(&podman, &plain);
+    assert!(exec_records(&roots, &plain_id).is_empty());
+    let out = podman.output(&["exec", &plain, "/bin/busybox", "env"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vars = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(env_var(&vars, "PATH").is_some(), "{vars}");
+    assert!(
+        !vars.contains("/nix/store") && !vars.contains("NIXENV_") && !vars.contains("ECHO_MESSAGE"),
+        "nothing of nixenv's: {vars}"
+    );
+
+    podman.ok(&["rm", "--force", "--time", "0", &name]).unwrap();
+    podman
+        .ok(&["rm", "--force", "--time", "0", &plain])
+        .unwrap();
+    assert_eq!(
+        exec_records(&roots, &id),
+        Vec::<PathBuf>::new(),
+        "podman rm removes the exec record"
+    );
 }
 
 /// CRI-O's default PATH, the first `PATH` entry of every spec it writes.

@@ -13,7 +13,8 @@ use nixenv_testkit::containerd::{self, Containerd, ContainerdBuilder, RuntimeHan
 use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{echo, EchoReply};
 use nixenv_testkit::{
-    free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode, TestNode,
+    cgroup_dir, free_port, images, pids_where, shim_bin, wait_for, Cache, Fixtures, ServedNode,
+    TestNode,
 };
 
 const BUSYBOX: &str = images::BUSYBOX_IMAGE;
@@ -1152,31 +1153,6 @@ async fn metrics_of_a_killed_container_last_until_its_task_is_deleted() {
         metrics_until_delete(&c, runtime, shim, &format!("killed-{i}")).await;
         c.assert_clean().await;
     }
-}
-
-/// The directory of `pid`'s cgroup for v1 controller `controller` (on a cgroup v2 host, its
-/// unified directory).
-fn cgroup_dir(pid: i32, controller: &str) -> PathBuf {
-    let root = Path::new("/sys/fs/cgroup");
-    let unified = root.join("cgroup.controllers").exists();
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    text.lines()
-        .find_map(|line| {
-            let mut f = line.splitn(3, ':');
-            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-            let ours = if unified {
-                controllers.is_empty()
-            } else {
-                controllers.split(',').any(|c| c == controller)
-            };
-            let dir = if unified {
-                root.to_owned()
-            } else {
-                root.join(controller)
-            };
-            ours.then(|| dir.join(path.trim_start_matches('/')))
-        })
-        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"))
 }
 
 /// `file` in `dir`, trimmed.

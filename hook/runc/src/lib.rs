@@ -7,6 +7,11 @@
 //! - if any argument is `create`, `run` or `delete`, to `nixenv-hook runc …` next to it, which
 //!   parses runc's command line exactly (an argument that merely looks like one of those
 //!   subcommands, a container called `run`, costs one more exec and nothing else);
+//! - for `exec`, there too if a word after it names a container that nixenv prepared: one that
+//!   has an exec record, `<root>/nixenv@<id>` in runc's state root (`--root`, else
+//!   `/run/runc`), which nixenv-hook writes at create and removes at delete. One `stat` per
+//!   candidate word (not a flag, no `/`), so an exec into any other container (probes run
+//!   often) still goes straight to runc;
 //! - otherwise to the real runc: `$NIXENV_RUNC`, else the first executable `runc` on `PATH`
 //!   that is not this binary (nixenv-runc may be installed as `runc` earlier on `PATH`);
 //! - if no runc is found, or the exec fails, to `nixenv-hook runc …` as well, which reports
@@ -25,10 +30,63 @@ pub const FULL_STAGE: &[u8] = b"runc";
 /// The file name of the second stage, next to nixenv-runc.
 pub const HOOK_NAME: &[u8] = b"nixenv-hook";
 
-/// Whether argv (without argv\[0\]) may be a `create`, `run` or `delete`, which
-/// `nixenv-hook runc` handles.
-pub fn needs_full_stage<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> bool {
-    args.into_iter().any(|a| FULL_STAGE_WORDS.contains(&a))
+/// The file name prefix of a container's exec record in runc's root (nixenv-hook's
+/// `exec_env::RECORD_PREFIX`): `@` is never in a runc container id.
+pub const EXEC_RECORD_PREFIX: &[u8] = b"nixenv@";
+
+/// runc's state root when `--root` is not given (as root).
+pub const DEFAULT_ROOT: &[u8] = b"/run/runc";
+
+/// Path buffers: `PATH_MAX` and a little more.
+pub const PATH_BUF: usize = 4096 + 64;
+
+/// Whether argv (without argv\[0\]) may be a `create`, `run` or `delete`, or an `exec` into a
+/// container with an exec record (looked up through `fs`), which `nixenv-hook runc` handles.
+pub fn needs_full_stage<'a, S, I>(fs: &S, args: I) -> bool
+where
+    S: Stat,
+    I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: Clone,
+{
+    let mut args = args.into_iter();
+    if args.clone().any(|a| FULL_STAGE_WORDS.contains(&a)) {
+        return true;
+    }
+    let mut root = DEFAULT_ROOT;
+    loop {
+        match args.next() {
+            None => return false,
+            Some(b"exec") => break,
+            Some(b"--root" | b"-root") => root = args.next().unwrap_or(root),
+            Some(a) => {
+                if let Some(v) = a
+                    .strip_prefix(b"--root=")
+                    .or_else(|| a.strip_prefix(b"-root="))
+                {
+                    root = v;
+                }
+            }
+        }
+    }
+    let mut buf = [0u8; PATH_BUF];
+    args.filter(|a| !a.is_empty() && !a.starts_with(b"-") && !a.contains(&b'/'))
+        .any(|id| {
+            exec_record(&mut buf, root, id)
+                .and_then(|n| fs.stat(&buf[..=n]))
+                .is_some_and(|f| f.is_regular_file())
+        })
+}
+
+/// Writes `<root>/nixenv@<id>` and a NUL into `buf`; returns the length without the NUL.
+pub fn exec_record(buf: &mut [u8], root: &[u8], id: &[u8]) -> Option<usize> {
+    let mut name = [0u8; 256];
+    let len = EXEC_RECORD_PREFIX.len() + id.len();
+    if len > name.len() {
+        return None; // longer than a file name can be
+    }
+    name[..EXEC_RECORD_PREFIX.len()].copy_from_slice(EXEC_RECORD_PREFIX);
+    name[EXEC_RECORD_PREFIX.len()..len].copy_from_slice(id);
+    join(buf, root, &name[..len])
 }
 
 /// The value of `name` among `NAME=value` environment entries (the first one, as libc's
@@ -83,11 +141,16 @@ pub struct FileId {
 }
 
 impl FileId {
-    /// A regular file that someone may execute.
-    pub fn is_executable_file(&self) -> bool {
+    /// A regular file.
+    pub fn is_regular_file(&self) -> bool {
         const S_IFMT: u32 = 0o170000;
         const S_IFREG: u32 = 0o100000;
-        self.mode & S_IFMT == S_IFREG && self.mode & 0o111 != 0
+        self.mode & S_IFMT == S_IFREG
+    }
+
+    /// A regular file that someone may execute.
+    pub fn is_executable_file(&self) -> bool {
+        self.is_regular_file() && self.mode & 0o111 != 0
     }
 
     /// The same file as `other`.
@@ -209,6 +272,7 @@ mod tests {
 
     #[test]
     fn create_run_and_delete_go_to_the_full_stage() {
+        let fs = FakeFs(HashMap::new());
         for line in [
             "--root /run/runc create --bundle /b c1",
             "--log /l --log-format json run -d c1",
@@ -217,7 +281,7 @@ mod tests {
             // A container called `run`: exact parsing is nixenv-hook's job.
             "state run",
         ] {
-            assert!(needs_full_stage(words(line)), "{line}");
+            assert!(needs_full_stage(&fs, words(line)), "{line}");
         }
         for line in [
             "--root /run/runc state c1",
@@ -229,8 +293,43 @@ mod tests {
             "state created",
             "ps --format json deleted",
         ] {
-            assert!(!needs_full_stage(words(line)), "{line}");
+            assert!(!needs_full_stage(&fs, words(line)), "{line}");
         }
+    }
+
+    #[test]
+    fn an_exec_goes_to_the_full_stage_only_for_a_recorded_container() {
+        let fs = FakeFs(HashMap::from([
+            ("/run/runc/nixenv@c1", file(1, 0o100600)),
+            ("/r/k8s.io/nixenv@c2", file(2, 0o100600)),
+            ("/run/runc/nixenv@dir", file(3, 0o040700)),
+        ]));
+        for line in [
+            "exec --process /p.json c1",
+            "--root /run/runc exec --pid-file /p --process /x --detach c1",
+            "--root=/r/k8s.io --log /l --log-format json exec -p /x c2",
+            "-root /r/k8s.io exec --detach --process=/x c2",
+            "--systemd-cgroup exec -t c1 sh -c ls",
+        ] {
+            assert!(needs_full_stage(&fs, words(line)), "{line}");
+        }
+        for line in [
+            "exec --process /p.json c3",
+            // The record is per root.
+            "--root /r/k8s.io exec --process /p.json c1",
+            "exec --process /p.json c2",
+            // Only a regular file is a record; flags and paths are never ids.
+            "exec -p /x dir",
+            "exec -p /run/runc/nixenv@c1 -c1 c3",
+            // c1 is not an exec's word here.
+            "state c1",
+        ] {
+            assert!(!needs_full_stage(&fs, words(line)), "{line}");
+        }
+        let mut buf = [0u8; 64];
+        let n = exec_record(&mut buf, b"/run/runc", b"c1").unwrap();
+        assert_eq!(&buf[..=n], b"/run/runc/nixenv@c1\0");
+        assert_eq!(exec_record(&mut buf, b"/run/runc", &[b'x'; 300]), None);
     }
 
     #[test]

@@ -7,10 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use nixenv_runc::{env_value, exec_error_line, find_runc, needs_full_stage, sibling};
-use nixenv_runc::{FileId, Stat, FULL_STAGE, HOOK_NAME};
-
-/// Path buffers: `PATH_MAX` and a little more.
-const PATH_BUF: usize = 4096 + 64;
+use nixenv_runc::{FileId, Stat, FULL_STAGE, HOOK_NAME, PATH_BUF};
 
 /// `stat(2)` through std.
 struct StdFs;
@@ -29,7 +26,7 @@ impl Stat for StdFs {
 
 pub fn main() {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if !needs_full_stage(args.iter().map(|a| a.as_bytes())) {
+    if !needs_full_stage(&StdFs, args.iter().map(|a| a.as_bytes())) {
         let env: Vec<Vec<u8>> = std::env::vars_os()
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
             .collect();

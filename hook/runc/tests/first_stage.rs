@@ -90,7 +90,7 @@ fn recorded(argv0: &Path, args: &[&str]) -> String {
     s + "FOO=bar\n"
 }
 
-fn os(args: &[&'static str]) -> Vec<&'static OsStr> {
+fn os<'a>(args: &[&'a str]) -> Vec<&'a OsStr> {
     args.iter().map(|a| OsStr::new(*a)).collect()
 }
 
@@ -161,27 +161,57 @@ fn arguments_that_are_not_utf8_pass_unchanged() {
 }
 
 #[test]
-fn create_run_and_delete_go_to_nixenv_hook_beside_it() {
+fn create_run_delete_and_execs_of_recorded_containers_go_to_nixenv_hook_beside_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Sandbox::new();
     let me = s.first_stage("bin/nixenv-runc");
     let hook = s.recorder("bin/nixenv-hook");
     let runc = s.recorder("runc-dir/runc");
     let path = s.path("runc-dir");
-    for args in [
-        &["--root", "/r", "create", "--bundle", "/b", "c1"][..],
-        &["--log", "/l", "run", "-d", "c1"],
-        &["delete", "--force", "c1"],
+    // nixenv-hook's exec record of container `prepared` in runc's root.
+    std::fs::create_dir_all(s.path("root")).unwrap();
+    std::fs::write(s.path("root/nixenv@prepared"), "{}").unwrap();
+    let root = s.path("root").display().to_string();
+    let exec = |id| {
+        let words = [
+            &root,
+            "exec",
+            "--pid-file",
+            "/p",
+            "--process",
+            "/x.json",
+            "--detach",
+            id,
+        ];
+        std::iter::once("--root")
+            .chain(words)
+            .collect::<Vec<&str>>()
+    };
+    let (prepared, plain) = (exec("prepared"), exec("plain"));
+    for (args, to_hook) in [
+        (
+            &["--root", "/r", "create", "--bundle", "/b", "c1"][..],
+            true,
+        ),
+        (&["--log", "/l", "run", "-d", "c1"], true),
+        (&["delete", "--force", "c1"], true),
         // Not a delete, but only nixenv-hook parses exactly: it passes it on itself.
-        &["state", "delete"],
+        (&["state", "delete"], true),
+        (&prepared, true),
+        // An exec into a container without a record goes straight to runc.
+        (&plain, false),
     ] {
         let out = s.run(&me, &os(args), &[("PATH", path.as_os_str())]);
         assert_eq!(out.status.code(), Some(7), "{args:?}");
-        let mut want = vec!["runc"];
-        want.extend_from_slice(args);
-        assert_eq!(s.record().as_deref(), Some(&*recorded(&hook, &want)));
+        let want = if to_hook {
+            let mut want = vec!["runc"];
+            want.extend_from_slice(args);
+            recorded(&hook, &want)
+        } else {
+            recorded(&runc, args)
+        };
+        assert_eq!(s.record().as_deref(), Some(&*want), "{args:?}");
     }
-    let _ = runc;
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod sys;
 use core::ptr;
 
 use nixenv_runc::{env_value, exec_error_line, find_runc, needs_full_stage, sibling};
-use nixenv_runc::{FULL_STAGE, HOOK_NAME};
+use nixenv_runc::{FULL_STAGE, HOOK_NAME, PATH_BUF};
 
 // The kernel starts a static executable at `_start` with the stack pointer at argc, followed
 // by argv[0..argc], NULL, envp…, NULL.
@@ -38,6 +38,7 @@ unsafe fn c_str(p: *const u8) -> &'static [u8] {
 }
 
 /// A NULL-terminated array of C strings, as slices.
+#[derive(Clone)]
 struct CStrs(*const *const u8);
 
 impl Iterator for CStrs {
@@ -55,9 +56,6 @@ impl Iterator for CStrs {
     }
 }
 
-/// Path buffers: `PATH_MAX` and a little more.
-const PATH_BUF: usize = 4096 + 64;
-
 /// # Safety
 /// `sp` must be the initial stack pointer the kernel gave `_start`.
 unsafe extern "C" fn entry(sp: *const usize) -> ! {
@@ -74,7 +72,7 @@ unsafe extern "C" fn entry(sp: *const usize) -> ! {
 /// `argv` (`argc` entries and a NULL) and `envp` as the kernel passes them.
 unsafe fn run(argc: usize, argv: *mut *const u8, envp: *const *const u8) -> ! {
     let args = CStrs(unsafe { argv.add(1) });
-    if argc > 0 && !needs_full_stage(args) {
+    if argc > 0 && !needs_full_stage(&sys::Kernel, args) {
         let mut runc = [0u8; PATH_BUF];
         let me = nixenv_runc::Stat::stat(&sys::Kernel, b"/proc/self/exe\0");
         let found = find_runc(
