@@ -556,6 +556,16 @@ impl Cri {
         Ok(resp.into_inner())
     }
 
+    /// StartContainer as a kubelet whose request times out after `patience` makes it: whether
+    /// it gave up (the start goes on in the runtime).
+    pub async fn start_given_up(&self, id: &str, patience: Duration) -> bool {
+        let mut cri = self.clone();
+        let id = id.to_owned();
+        tokio::time::timeout(patience, async move { cri.start_container(&id).await })
+            .await
+            .is_err()
+    }
+
     /// [`Cri::exec_sync`] of a command that must succeed (10 s): its stdout. Panics with its
     /// output otherwise.
     pub async fn exec_ok(&mut self, id: &str, cmd: &[&str]) -> String {
