@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! let dirs = nixenv_testkit::cni::LoopbackNetwork::new().unwrap();
-//! let builder = nixenv_testkit::containerd::Containerd::builder().cni(dirs.bin_dir(), dirs.conf_dir());
+//! let builder = nixenv_testkit::containerd::Containerd::builder().cni(&dirs.bin_dir(), &dirs.conf_dir());
 //! ```
 
 use std::path::{Path, PathBuf};
