@@ -930,7 +930,14 @@ async fn the_preparing_process_stopped_mid_download_leaves_nothing_behind() {
     })
     .await;
     let mut child = child;
-    assert!(child.try_wait().unwrap().is_none(), "still downloading");
+    if let Some(status) = child.try_wait().unwrap() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "still downloading: the helper had already exited ({status}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let t0 = std::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
