@@ -6,8 +6,8 @@
 #
 # Environment: RUNS (cold runs per tool and compression, default 3), COMPRESSIONS (default
 # "xz zstd"), N (big closure paths,
-# default 240), TOTAL_MB (real binary content, default 320), NIXENV / SERVER (binaries; default:
-# release builds in the workspace target dir, built if missing).
+# default 240), TOTAL_MB (real binary content, default 320), NIXENV / SERVER / BENCH_DECODE
+# (binaries; default: release builds in the workspace target dir, built if missing).
 #
 # 1. Builds with Nix a big closure (N paths, TOTAL_MB of host ELF files, a dependency chain of
 #    depth 50 plus a DAG) and a 1,000-path small closure (bench/closure.nix); signs them with
@@ -16,6 +16,11 @@
 # 3. Cold: alternating, RUNS times: `nixenv pull ROOT` into an empty state dir, and
 #    `nix-store --store DIR --realise ROOT` (Nix's substitution into a fresh chroot store)
 #    with the same substituter and key. Prints medians and the ratio Nix/nixenv.
+#    Then the limits of the machine for the same NARs (nixenv-bench-decode, one thread, the
+#    decoder nixenv uses): the CPU time of decoding every NAR of the big closure divided by
+#    the cores (the decode limit), the same for decode + SHA-256 + unpack (the work limit),
+#    and the longest single NAR's decode; prints nixenv/limit for both, and nixenv's own CPU
+#    time against the decode CPU time (what the machine's load does not change).
 # 4. Peak RSS of one cold `nixenv pull` (/usr/bin/time -v).
 # 5. Warm: `nixenv pull` of the 1,000-path closure already present (hyperfine, or a loop).
 set -eu
@@ -41,9 +46,11 @@ work=$(cd "$work" && pwd)
 target=${CARGO_TARGET_DIR:-$repo/target}
 NIXENV=${NIXENV:-$target/release/nixenv}
 SERVER=${SERVER:-$target/release/nixenv-test-server}
-if [ ! -x "$NIXENV" ] || [ ! -x "$SERVER" ]; then
+BENCH_DECODE=${BENCH_DECODE:-$target/release/nixenv-bench-decode}
+if [ ! -x "$NIXENV" ] || [ ! -x "$SERVER" ] || [ ! -x "$BENCH_DECODE" ]; then
     log "building release binaries"
-    (cd "$repo" && cargo build --release -p nixenv-cli -p nixenv-testkit --bin nixenv --bin nixenv-test-server)
+    (cd "$repo" && cargo build --release -p nixenv-cli -p nixenv-testkit --bin nixenv \
+        --bin nixenv-test-server --bin nixenv-bench-decode)
 fi
 if [ ! -x /usr/bin/time ]; then
     apt-get install -y time >/dev/null
@@ -126,13 +133,14 @@ config() { # config STATE_DIR URL
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/run/state" "$work/run/nixstore"; sync; }
 
-run_nixenv() { # URL ROOT -> seconds
+run_nixenv() { # URL ROOT -> seconds; appends its CPU time (user + system) to run/cpu-nixenv
     fresh
     cfg=$(config "$work/run/state" "$1")
     t0=$(now)
-    NIXENV_CONFIG=$cfg "$NIXENV" pull "$2" >/dev/null 2>"$work/run/nixenv.err" ||
-        { cat "$work/run/nixenv.err" >&2; exit 1; }
+    NIXENV_CONFIG=$cfg /usr/bin/time -o "$work/run/cpu.txt" -f '%U + %S' "$NIXENV" pull "$2" \
+        >/dev/null 2>"$work/run/nixenv.err" || { cat "$work/run/nixenv.err" >&2; exit 1; }
     echo "$(now) - $t0" | bc
+    tail -1 "$work/run/cpu.txt" | bc >>"$work/run/cpu-nixenv"
 }
 run_nix() { # URL ROOT -> seconds
     fresh
@@ -147,14 +155,16 @@ run_nix() { # URL ROOT -> seconds
 }
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+cores=$(nproc)
 echo
 echo "big closure: $big_paths paths, $((big_bytes / 1024 / 1024)) MiB unpacked (NarSize); small closure: $small_paths paths"
-echo "machine: $(nproc) cores, $(uname -r); nix $(nix --version | awk '{print $3}'); nixenv $("$NIXENV" --version 2>/dev/null | awk '{print $2}')"
+echo "machine: $cores cores, $(uname -r); nix $(nix --version | awk '{print $3}'); nixenv $("$NIXENV" --version 2>/dev/null | awk '{print $2}')"
+echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 printf '%-6s %-12s %-12s %-8s\n' cache "nixenv (s)" "nix (s)" "nix/nixenv"
 for c in $COMPRESSIONS; do
     eval "url=\$url_$c"
-    rm -f "$work/run/t-nixenv" "$work/run/t-nix"
+    rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv"
     i=0
     while [ $i -lt "$RUNS" ]; do
         run_nix "$url" "$big" >>"$work/run/t-nix"
@@ -163,9 +173,33 @@ for c in $COMPRESSIONS; do
     done
     a=$(median <"$work/run/t-nixenv")
     b=$(median <"$work/run/t-nix")
+    eval "median_$c=\$a"
+    eval "cpu_$c=\$(median <\"\$work/run/cpu-nixenv\")"
     printf '%-6s %-12.2f %-12.2f %-8.2f   (runs: nixenv %s; nix %s)\n' "$c" "$a" "$b" \
         "$(echo "$b / $a" | bc -l)" "$(tr '\n' ' ' <"$work/run/t-nixenv")" "$(tr '\n' ' ' <"$work/run/t-nix")"
 done
+
+# The limits: the work of the pull on one thread, spread over the cores (network and the
+# store's bookkeeping excluded), and the one NAR that cannot be split. nixenv's own CPU time
+# (median over the runs) says how far it is from the limit on a machine it has to itself;
+# its wall time also pays for whatever else the machine runs.
+echo
+echo "limits ($cores cores): CPU time of one thread decoding (and hashing and unpacking) the same NARs"
+printf '%-6s %-9s %-9s %-8s %-10s %-9s %-8s %-11s %-9s\n' cache "decode" "d-limit" \
+    "wall/dl" "+hash+unp" "w-limit" "wall/wl" "nixenv CPU" "CPU/dcpu"
+for c in $COMPRESSIONS; do
+    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$c" >"$work/run/limit-$c"
+    dcpu=$(sed -n 's/^decode_cpu_s=//p' "$work/run/limit-$c")
+    wcpu=$(sed -n 's/^decode_hash_unpack_cpu_s=//p' "$work/run/limit-$c")
+    longest=$(sed -n 's/^longest_decode_s=//p' "$work/run/limit-$c")
+    dlim=$(echo "$dcpu / $cores" | bc -l)
+    wlim=$(echo "$wcpu / $cores" | bc -l)
+    eval "a=\$median_$c cpu=\$cpu_$c"
+    printf '%-6s %-9.2f %-9.2f %-8.2f %-10.2f %-9.2f %-8.2f %-11.2f %-9.2f (longest NAR decode %.2f s)\n' \
+        "$c" "$dcpu" "$dlim" "$(echo "$a / $dlim" | bc -l)" "$wcpu" "$wlim" \
+        "$(echo "$a / $wlim" | bc -l)" "$cpu" "$(echo "$cpu / $dcpu" | bc -l)" "$longest"
+done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
 fresh

@@ -4,7 +4,8 @@
 #
 #   bench/start.sh [WORKDIR]        (default WORKDIR: /var/tmp/nixenv-bench, shared with pull.sh)
 #
-# Environment: RUNS (rounds, default 20), NIXENV_BENCH_LOG_LEVEL (containerd's log level, and so
+# Environment: RUNS (rounds, default 20), CONCURRENT=N (burst mode: N pods at once per round;
+# see bench/start-burst.sh), NIXENV_BENCH_LOG_LEVEL (containerd's log level, and so
 # the shims' debug flag; default info), BIG=0 (skip the 1,000-path variant),
 # NIXENV_BENCH_STRACE=DIR (profiling only: `strace -f -tt -T` of each pod's shim into DIR,
 # attached after RunPodSandbox; slows the traced runs), NIXENV_KEEP_CONTAINERD=1 (keep
@@ -12,7 +13,7 @@
 # as shipped (bench/shipped-bins: release, and the static size-optimised shim of
 # packaging/build-shim) into $CARGO_TARGET_DIR (default: the workspace's target dir). Needs root, containerd 1.6, runc and Nix.
 #
-# What is measured (tests/src/bin/nixenv-bench-start.rs), per sample: RunPodSandbox (host
+# What is measured (tests/src/bin/nixenv-bench-start/main.rs), per sample: RunPodSandbox (host
 # network) first, timed separately; then **CreateContainer + StartContainer + HTTP GET / retried
 # every millisecond until the echoserver's first answer** — the headline number; the pod is then
 # stopped and removed outside the timing. The store is warm: an untimed first round pulls the

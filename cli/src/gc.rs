@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use nixenv_core::config::{parse_size, ConfigError};
 use nixenv_core::gc::{self, GcError, GcOptions, Kept, RuncProbe};
+use nixenv_core::metrics;
 use nixenv_core::store::{Store, StoreError};
 
 use crate::Globals;
@@ -96,6 +97,14 @@ pub fn run(globals: &Globals, args: &GcArgs) -> Result<(), GcCliError> {
     };
     let probe = RuncProbe::new(cfg.runc.clone().unwrap_or_else(|| "runc".into()));
     let report = gc::collect_garbage(&store, &probe, &opts)?;
+    if !report.dry_run {
+        metrics::note(|m| {
+            m.gc_runs += 1;
+            m.gc_freed_bytes += report.freed();
+            m.gc_removed_paths += report.removed.len() as u64;
+        });
+        metrics::flush(&cfg.state_dir);
+    }
 
     let now = SystemTime::now();
     let (verb, pin_verb, left_verb, total_verb) = if report.dry_run {
@@ -139,6 +148,21 @@ pub fn run(globals: &Globals, args: &GcArgs) -> Result<(), GcCliError> {
                 l.file.display(),
                 l.what,
                 human_size(l.size)
+            ),
+        )?;
+    }
+    if report.views_removed > 0 {
+        w(
+            &mut out,
+            format!("{} closure view(s) removed", report.views_removed),
+        )?;
+    }
+    if report.history_pruned > 0 {
+        w(
+            &mut out,
+            format!(
+                "{} record(s) of containers gone for more than 30 days removed",
+                report.history_pruned
             ),
         )?;
     }

@@ -5,10 +5,12 @@
 mod doctor;
 mod gc;
 mod ls;
+mod metrics;
 mod progress;
 mod publish;
 mod pull;
 mod registry;
+mod sbom;
 mod store_ls;
 
 use std::path::PathBuf;
@@ -45,6 +47,10 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Remove store paths no running container uses, least recently used first; print what was freed.
     Gc(gc::GcArgs),
+    /// Print this node's metrics in the Prometheus text format (`--textfile`: for node-exporter).
+    Metrics(metrics::MetricsArgs),
+    /// Write the closure of an environment, or of what a container ran, as SPDX or CycloneDX JSON.
+    Sbom(sbom::SbomArgs),
     /// Serve the empty image (docker.io/library/empty) read-only on loopback, for this node's runtimes.
     Registry(registry::RegistryArgs),
 }
@@ -95,6 +101,8 @@ fn main() -> ExitCode {
         Command::Ls(args) => ls::run(&globals, args).map_err(anyhow::Error::from),
         Command::Doctor(args) => doctor::run(&globals, args).map_err(anyhow::Error::from),
         Command::Gc(args) => gc::run(&globals, args).map_err(anyhow::Error::from),
+        Command::Metrics(args) => metrics::run(&globals, args).map_err(anyhow::Error::from),
+        Command::Sbom(args) => sbom::run(&globals, args).map_err(anyhow::Error::from),
         Command::Registry(args) => registry::run(args).map_err(anyhow::Error::from),
     };
     match result {

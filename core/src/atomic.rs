@@ -20,6 +20,10 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
 /// Writes `bytes` to a new temporary file next to `path` with `mode`, fsynced; returns its path.
 /// The caller renames or links it into place (and removes it on failure).
 pub fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    write_temp_with(path, bytes, mode, true)
+}
+
+fn write_temp_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Result<PathBuf> {
     let tmp = temp_path_for(path);
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -30,7 +34,10 @@ pub fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
         // The umask may have narrowed the mode.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
-        f.sync_all()
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => Ok(tmp),
@@ -67,6 +74,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// write on every container start.
 pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = write_temp(path, bytes, mode)?;
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+/// Replaces `path` with `bytes` atomically (mode `mode`) without any fsync: for files whose
+/// loss in a crash is harmless (metrics counters). Readers see the old or the new content,
+/// complete; after a crash the file may be empty, old, or gone, and its readers must cope.
+pub fn write_replace_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp_with(path, bytes, mode, false)?;
     fs::rename(&tmp, path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })

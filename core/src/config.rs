@@ -107,6 +107,9 @@ pub struct Config {
     pub max_lock_size: u64,
     /// How an install is made durable before its commit rename.
     pub store_durability: StoreDurability,
+    /// Give each container its closure as one bind mount of a per-closure view
+    /// (`closure-views`, default true) instead of one bind mount per store path.
+    pub closure_views: bool,
     /// `nixenv gc`: keep paths used within this long.
     pub gc_keep_since: Option<Duration>,
     /// `nixenv gc`: shrink the store below this many bytes.
@@ -173,6 +176,7 @@ struct RawConfig {
     narinfo_timeout: Option<String>,
     max_lock_size: Option<String>,
     store_durability: Option<String>,
+    closure_views: Option<bool>,
     gc_keep_since: Option<String>,
     gc_max_size: Option<String>,
 }
@@ -205,6 +209,7 @@ impl Default for Config {
             allowed_redirect_hosts: AllowedRedirectHosts::default(),
             max_lock_size: DEFAULT_MAX_LOCK_SIZE,
             store_durability: StoreDurability::Syncfs,
+            closure_views: true,
             gc_keep_since: None,
             gc_max_size: None,
         }
@@ -275,6 +280,9 @@ impl Config {
         }
         if let Some(v) = raw.require_sigs {
             cfg.require_sigs = v;
+        }
+        if let Some(v) = raw.closure_views {
+            cfg.closure_views = v;
         }
         if let Some(d) = raw.state_dir {
             if !d.is_absolute() {
@@ -398,6 +406,9 @@ impl Config {
 fn parse_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| e.to_string())?;
     match Scheme::of(&url) {
+        Some(Scheme::S3) => crate::fetch::s3::S3Location::from_url(&url)
+            .map(|_| url)
+            .map_err(|e| e.to_string()),
         Some(_) => Ok(url),
         None => Err(format!(
             "unsupported scheme {:?} (use {})",
@@ -539,6 +550,7 @@ mod tests {
             narinfo-timeout = "5s"
             max-lock-size = "2M"
             store-durability = "fsync"
+            closure-views = false
             "#
         ))
         .unwrap();
@@ -560,6 +572,8 @@ mod tests {
         assert_eq!(Config::default().max_lock_size, 16 << 20);
         assert_eq!(cfg.store_durability, StoreDurability::Fsync);
         assert_eq!(Config::default().store_durability, StoreDurability::Syncfs);
+        assert!(!cfg.closure_views);
+        assert!(Config::default().closure_views);
         assert_eq!(
             cfg.allowed_redirect_hosts.everywhere,
             ["bucket.s3.example.com", "[::1]"]
@@ -597,6 +611,11 @@ mod tests {
                 "substituters = [\"ftp://x\"]\nrequire-sigs = false",
                 "substituters",
             ),
+            (
+                "substituters = [\"s3://b?scheme=ftp\"]\nrequire-sigs = false",
+                "substituters",
+            ),
+            ("catalog = \"s3://b?endpoint=a/b\"", "catalog"),
             ("trusted-public-keys = [\"nokey\"]", "trusted-public-keys"),
             ("state-dir = \"relative\"", "state-dir"),
             ("http-connections = 0", "http-connections"),

@@ -13,6 +13,7 @@
 //! - [`pin`] — GC roots held by running containers;
 //! - [`doctor`] — `nixenv doctor`'s checks of a node;
 //! - [`gc`] — garbage collection of the node store (roots, last use, locking, deletion);
+//! - [`metrics`] — node metrics in the Prometheus text format (counters kept on the node, gauges read);
 //! - [`registry`] — `nixenv registry`: the node-local, read-only registry of the empty image;
 //! - [`runtime`] — the one call the shim, the runc wrapper and the hook make;
 //! - [`failure`] — the kind of a [`runtime::RuntimeError`] (not found, invalid, unavailable).
@@ -26,10 +27,12 @@ pub mod failure;
 pub mod fetch;
 pub mod finding;
 pub mod gc;
+pub mod metrics;
 pub mod nix;
 pub mod pin;
 pub mod registry;
 pub mod runtime;
+pub mod sbom;
 pub mod spec;
 pub mod store;
 pub mod substituter;

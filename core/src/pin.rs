@@ -12,20 +12,30 @@
 //!
 //! A pin is written once per container, with the full closure, after it is materialised
 //! ([`crate::runtime`]); until then the shared gc lock, not a pin, keeps gc away from the paths
-//! being installed. `paths` are the lock's roots, `closure` every path they reach. `owner` tells a collector where the container lives, so it
-//! can drop pins of containers that no longer exist (no `<runtime_root>/<id>`, no bundle).
+//! being installed. `paths` are the lock's roots, `closure` every path they reach; `system` and
+//! `env` complete the part of the lock the container used, so a pin records what ran (`nixenv
+//! sbom --container ID`). `owner` tells a collector where the container lives, so it can drop
+//! pins of containers that no longer exist (no `<runtime_root>/<id>`, no bundle).
+//!
+//! When its container is deleted (or a collector finds it gone), a pin is *retired*: renamed
+//! to `{state-dir}/history/<container-id>.json`, where it no longer roots anything but still
+//! answers what the container ran; `nixenv gc` removes records retired more than
+//! [`HISTORY_KEEP`] ago. A pin undone because its container never started is removed.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::atomic;
+use crate::environment::EnvVars;
 use crate::nix::StorePath;
 
 /// The pin file format version.
 pub const PIN_VERSION: u32 = 1;
 /// Longest accepted container id.
 pub const MAX_CONTAINER_ID_LEN: usize = 200;
+/// How long a retired pin stays in `{state-dir}/history` (30 days).
+pub const HISTORY_KEEP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Who created a pin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +84,13 @@ pub struct Pin {
     pub paths: Vec<StorePath>,
     /// The full closure; empty while it is being materialised.
     pub closure: Vec<StorePath>,
+    /// The Nix system whose part of the lock was used (`x86_64-linux`); absent in pins of
+    /// older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// The lock's env, as the container got it.
+    #[serde(default, skip_serializing_if = "EnvVars::is_empty")]
+    pub env: EnvVars,
     /// RFC 3339 creation time.
     pub created: String,
     /// Where the container lives.
@@ -162,6 +179,8 @@ impl Pin {
             generation,
             paths,
             closure: Vec::new(),
+            system: None,
+            env: EnvVars::default(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             owner,
         }
@@ -194,6 +213,76 @@ pub fn unpin(state_dir: &Path, container_id: &str) -> Result<bool, PinError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(PinError::Remove { path, source }),
     }
+}
+
+/// `{state-dir}/history`: pins of containers that are gone.
+pub fn history_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("history")
+}
+
+/// Retires the pin of `container_id` (its container is gone): it moves to
+/// `{state-dir}/history`, stamped with the time it was retired; `Ok(false)` if there was none.
+pub fn retire(state_dir: &Path, container_id: &str) -> Result<bool, PinError> {
+    let from = pin_path(state_dir, container_id)?;
+    let to = history_dir(state_dir).join(format!("{container_id}.json"));
+    let err = |source| PinError::Remove {
+        path: from.clone(),
+        source,
+    };
+    if !from.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(history_dir(state_dir)).map_err(err)?;
+    // The stamp first: once renamed, a pin's mtime says when it was retired (best effort, the
+    // record's `created` is older, so a failure only shortens its stay).
+    if let Ok(f) = std::fs::File::options().append(true).open(&from) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+    match std::fs::rename(&from, &to) {
+        Ok(()) => {
+            tracing::debug!(container = %container_id, "pin retired");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(err(source)),
+    }
+}
+
+/// What ran in `container_id`: its pin while it exists, else its retired record.
+pub fn read_record(state_dir: &Path, container_id: &str) -> Result<Option<Pin>, PinError> {
+    if let Some(p) = read(state_dir, container_id)? {
+        return Ok(Some(p));
+    }
+    check_container_id(container_id)?;
+    read_file(&history_dir(state_dir).join(format!("{container_id}.json")))
+}
+
+/// Removes retired records older than `keep` (by the time they were retired); returns how many.
+pub fn prune_history(state_dir: &Path, keep: std::time::Duration) -> Result<usize, PinError> {
+    let dir = history_dir(state_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(PinError::Read { path: dir, source }),
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > keep));
+        if !old {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PinError::Remove { path, source }),
+        }
+    }
+    Ok(removed)
 }
 
 fn read_file(path: &Path) -> Result<Option<Pin>, PinError> {
@@ -306,6 +395,56 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("y.json is corrupt"));
+    }
+
+    #[test]
+    fn retired_pins_say_what_ran_root_nothing_and_go_after_a_while() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Pin::new(
+            "c1",
+            "acme/echoserver",
+            Some(2),
+            vec![A.parse().unwrap()],
+            Owner::default(),
+        );
+        p.closure = vec![A.parse().unwrap()];
+        p.system = Some("x86_64-linux".into());
+        p.env = EnvVars(vec![("GREETING".into(), "hi".into())]);
+        pin(d.path(), &p).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("pins/c1.json")).unwrap()).unwrap();
+        assert_eq!(v["system"], "x86_64-linux");
+        assert_eq!(v["env"]["GREETING"], "hi");
+
+        assert!(retire(d.path(), "c1").unwrap());
+        assert!(!retire(d.path(), "c1").unwrap(), "idempotent");
+        assert!(list(d.path()).unwrap().is_empty(), "no longer a gc root");
+        assert_eq!(read(d.path(), "c1").unwrap(), None);
+        assert_eq!(read_record(d.path(), "c1").unwrap(), Some(p.clone()));
+        assert_eq!(read_record(d.path(), "c2").unwrap(), None);
+        assert!(read_record(d.path(), "../c1").is_err());
+
+        // A new container of the same id: its pin is what it runs.
+        let q = Pin::new("c1", A, None, vec![A.parse().unwrap()], Owner::default());
+        pin(d.path(), &q).unwrap();
+        assert_eq!(read_record(d.path(), "c1").unwrap(), Some(q));
+
+        // Stamped when retired, so kept `keep` from then.
+        let retired = history_dir(d.path()).join("c1.json");
+        assert_eq!(prune_history(d.path(), HISTORY_KEEP).unwrap(), 0);
+        let old = std::time::SystemTime::now() - HISTORY_KEEP - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .append(true)
+            .open(&retired)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(prune_history(d.path(), HISTORY_KEEP).unwrap(), 1);
+        assert!(!retired.exists());
+        assert!(
+            read(d.path(), "c1").unwrap().is_some(),
+            "pins are never pruned"
+        );
     }
 
     #[test]

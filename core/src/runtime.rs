@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::runtime::Spec;
@@ -38,6 +38,7 @@ use crate::pin::{self, Pin, PinError};
 use crate::spec::{
     self, BundleConfig, BundleError, EnvChange, IdmapError, RuncFeatures, RuntimeFeatures,
 };
+use crate::store::view::{View, Views};
 use crate::store::{Closure, StoreError};
 use crate::substituter::{self, NoProgress, SubstituteError};
 
@@ -250,6 +251,8 @@ pub fn store_has_bin(store_dir: &Path, path: &StorePath) -> bool {
 struct Ready<'a> {
     resolved: Resolved,
     closure: Vec<StorePath>,
+    /// The closure's view, mounted instead of one bind per path.
+    view: Option<PathBuf>,
     annotated: String,
     guard: PinGuard<'a>,
 }
@@ -283,9 +286,60 @@ impl Ready<'_> {
             paths: &self.resolved.paths,
             env: &self.resolved.env,
             closure: &self.closure,
+            view: self.view.as_deref(),
         };
         spec::rewrite(spec, &env, &store_dir, |p| store_has_bin(&store_dir, p));
         spec::env_changes(&before, &process_env(spec))
+    }
+}
+
+/// The views of the node store, when `closure-views` is on and the boot is known.
+fn views(cfg: &Config) -> Option<Views> {
+    if !cfg.closure_views {
+        return None;
+    }
+    Views::open(&cfg.state_dir)
+        .inspect_err(|e| tracing::warn!(error = %e, "closure views off: one bind per path"))
+        .ok()
+}
+
+/// The view of `roots`' closure, if this boot built one (with the gc lock held shared).
+fn lookup_view(cfg: &Config, roots: &[StorePath]) -> Option<View> {
+    views(cfg)?
+        .lookup(roots)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot read closure view: building it"))
+        .ok()
+        .flatten()
+}
+
+/// Builds the view of `roots`' closure; `None` (one bind per path, logged) if it cannot.
+fn build_view(cfg: &Config, roots: &[StorePath], closure: &[StorePath]) -> Option<PathBuf> {
+    let views = views(cfg)?;
+    match views.build(roots, closure) {
+        Ok(v) => Some(v.dir),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build closure view: one bind per path");
+            None
+        }
+    }
+}
+
+/// Without a view each closure path is bind-mounted on its own, and a root that is a
+/// symlink would be resolved on the host by runc's bind mount.
+fn refuse_symlink_roots(
+    cfg: &Config,
+    annotated: &str,
+    closure: &[StorePath],
+) -> Result<(), RuntimeError> {
+    let store_dir = cfg.store_dir();
+    match closure.iter().find(|p| {
+        std::fs::symlink_metadata(store_dir.join(p.base_name())).is_ok_and(|m| m.is_symlink())
+    }) {
+        Some(link) => Err(RuntimeError::SymlinkPath {
+            reference: annotated.to_owned(),
+            path: link.to_absolute_path(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -321,23 +375,24 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
             reference: annotated.to_owned(),
             source: Box::new(source),
         })?;
-    let closure = materialiser
-        .materialise(&resolved.paths)
-        .await
-        .map_err(|source| RuntimeError::Substitute {
-            reference: annotated.to_owned(),
-            source: Box::new(source),
-        })?;
-    // A root that is a symlink would be resolved on the host by runc's bind mount.
-    let store_dir = cfg.store_dir();
-    if let Some(link) = closure.paths.iter().find(|p| {
-        std::fs::symlink_metadata(store_dir.join(p.base_name())).is_ok_and(|m| m.is_symlink())
-    }) {
-        return Err(RuntimeError::SymlinkPath {
-            reference: annotated.to_owned(),
-            path: link.to_absolute_path(),
-        });
-    }
+    let (closure, view) = match lookup_view(cfg, &resolved.paths) {
+        // Warm: the view's entries are the closure, every one valid (see store::view).
+        Some(view) => (view.closure, Some(view.dir)),
+        None => {
+            let closure = materialiser
+                .materialise(&resolved.paths)
+                .await
+                .map_err(|source| RuntimeError::Substitute {
+                    reference: annotated.to_owned(),
+                    source: Box::new(source),
+                })?;
+            let view = build_view(cfg, &resolved.paths, &closure.paths);
+            if view.is_none() {
+                refuse_symlink_roots(cfg, annotated, &closure.paths)?;
+            }
+            (closure.paths, view)
+        }
+    };
     let mut record = Pin::new(
         container_id,
         annotated,
@@ -345,7 +400,9 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
         resolved.paths.clone(),
         owner.clone(),
     );
-    record.closure = closure.paths;
+    record.closure = closure;
+    record.system = Some(cfg.system.clone());
+    record.env = resolved.env.clone();
     pin::pin(&cfg.state_dir, &record).map_err(pin_err)?;
     // From here on the pin is removed on failure, and also if this future is dropped
     // (a cancelled CreateContainer): nothing is left half-done.
@@ -360,11 +417,13 @@ async fn make_ready<'a, F: Fetch, M: Materialise>(
         generation = ?resolved.generation,
         source = ?resolved.source,
         paths = record.closure.len(),
+        view = ?view,
         "environment ready"
     );
     Ok(Ready {
         resolved,
         closure: record.closure,
+        view,
         annotated: annotated.to_owned(),
         guard,
     })
@@ -475,14 +534,24 @@ async fn prepare_bundle_via<F: Fetch, M: Materialise, R: RuntimeFeatures>(
     Ok(Decision::Rewritten(ready.keep(env)))
 }
 
-/// Drops the pin of `container_id` (idempotent).
+/// Drops the pin of `container_id` (idempotent; retired to `{state-dir}/history`, see
+/// [`crate::pin`]), recording the last use of its closure: a
+/// start from a view reads no record, so the closure's last use is when its last container
+/// went away (see [`crate::gc::usage`]).
 pub fn release(cfg: &Config, container_id: &str) -> Result<(), RuntimeError> {
-    pin::unpin(&cfg.state_dir, container_id)
-        .map(|_| ())
-        .map_err(|source| RuntimeError::Pin {
-            reference: container_id.to_owned(),
-            source,
-        })
+    let pin_err = |source| RuntimeError::Pin {
+        reference: container_id.to_owned(),
+        source,
+    };
+    let pinned = pin::read(&cfg.state_dir, container_id).ok().flatten();
+    // Kept as the record of what ran (`nixenv sbom --container`), rooting nothing.
+    pin::retire(&cfg.state_dir, container_id).map_err(pin_err)?;
+    if let Some(p) = pinned {
+        if let Ok(store) = crate::store::Store::open(&cfg.state_dir) {
+            crate::gc::usage::touch(&store, &p.closure);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -555,13 +624,19 @@ mod tests {
         runtime: FakeRuntime,
     }
 
+    /// One bind per path (`closure-views = false`).
     fn fixture() -> Fixture {
+        fixture_with_views(false)
+    }
+
+    fn fixture_with_views(closure_views: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config {
             catalog: Some(Url::parse(BASE).unwrap()),
             state_dir: dir.path().to_owned(),
             system: "x86_64-linux".into(),
             download_attempts: 1,
+            closure_views,
             ..Config::default()
         };
         let fetch = FakeFetch::default();
@@ -858,6 +933,98 @@ mod tests {
         );
         assert_eq!(s, before);
         assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    fn store_mounts_of(s: &Spec) -> Vec<oci_spec::runtime::Mount> {
+        s.mounts()
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|m| spec::rewrite::is_under_store(m.destination()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_view_is_one_bind_and_a_warm_start_reads_nothing_per_path() {
+        let f = fixture_with_views(true);
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c1", &mut s).await.unwrap();
+        assert!(f.store.entered.load(Ordering::SeqCst));
+        let ours = store_mounts_of(&s);
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        assert_eq!(ours[0].destination(), Path::new("/nix/store"));
+        assert_eq!(ours[0].typ().as_deref(), Some("bind"));
+        assert!(ours[0].options().as_ref().unwrap().contains(&"ro".into()));
+        let view = ours[0].source().clone().unwrap();
+        assert!(view.starts_with(f.cfg.state_dir.join("views")));
+        let mut entries: Vec<String> = std::fs::read_dir(&view)
+            .unwrap()
+            .map(|e| format!("/nix/store/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        entries.sort();
+        let mut closure = vec![A.to_string(), B.to_string()];
+        closure.sort();
+        assert_eq!(entries, closure, "the view is exactly the closure");
+        assert!(view.join(&A["/nix/store/".len()..]).join("bin").is_dir());
+
+        // The next container of that environment: no materialiser, the same view, a pin of
+        // the whole closure, and the same environment variables.
+        f.store.entered.store(false, Ordering::SeqCst);
+        let mut s2 = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c2", &mut s2).await.unwrap();
+        assert!(!f.store.entered.load(Ordering::SeqCst));
+        assert_eq!(store_mounts_of(&s2), ours);
+        assert_eq!(s2.process(), s.process());
+        let pins = pin::list(&f.cfg.state_dir).unwrap();
+        assert_eq!(pins.len(), 2);
+        assert_eq!(
+            pins[1]
+                .closure
+                .iter()
+                .map(|p| p.to_absolute_path())
+                .collect::<Vec<_>>(),
+            closure
+        );
+        release(&f.cfg, "c1").unwrap();
+        release(&f.cfg, "c2").unwrap();
+        assert!(pin::list(&f.cfg.state_dir).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_a_view_a_symlink_store_path_is_resolved_inside_the_container() {
+        let f = fixture_with_views(true);
+        let a: StorePath = A.parse().unwrap();
+        std::fs::create_dir_all(f.cfg.store_dir()).unwrap();
+        // The target exists on the host (so the fake materialiser is content): the view keeps
+        // the link as it is, for the container to resolve in its own /nix/store.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), f.cfg.store_dir().join(a.base_name()))
+            .unwrap();
+        let mut s = spec_with(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c1", &mut s).await.unwrap();
+        let view = store_mounts_of(&s)[0].source().clone().unwrap();
+        assert_eq!(
+            std::fs::read_link(view.join(a.base_name())).unwrap(),
+            elsewhere.path()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_namespaced_container_gets_its_view_idmapped() {
+        let f = fixture_with_views(true);
+        let mut s = userns_spec(&[(ENVIRONMENT_ANNOTATION, "acme/app")]);
+        prepare(&f, "c1", &mut s).await.unwrap();
+        let ours = store_mounts_of(&s);
+        assert_eq!(ours.len(), 1);
+        assert_eq!(
+            ours[0].uid_mappings(),
+            s.linux().as_ref().unwrap().uid_mappings()
+        );
+        assert!(ours[0]
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"ridmap".into()));
     }
 
     #[tokio::test]

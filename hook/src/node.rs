@@ -10,10 +10,11 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use nixenv_core::config::{Config, ConfigError};
-use nixenv_core::pin;
 use nixenv_core::runtime::{self, Decision, Owner, RuntimeError};
+use nixenv_core::{metrics, pin};
 use oci_spec::runtime::Spec;
 
 #[cfg(test)]
@@ -130,11 +131,10 @@ impl Node for RealNode {
         owner: &Owner,
     ) -> Result<Decision, NodeError> {
         let (cfg, abandon) = self.preparing()?;
-        Ok(block_on(
-            abandon,
-            key,
-            runtime::prepare_spec(cfg, key, spec, owner),
-        )??)
+        let started = Instant::now();
+        let out = block_on(abandon, key, runtime::prepare_spec(cfg, key, spec, owner));
+        count_preparation(cfg, started, &out);
+        Ok(out??)
     }
 
     fn prepare_bundle(
@@ -144,11 +144,10 @@ impl Node for RealNode {
         owner: &Owner,
     ) -> Result<Decision, NodeError> {
         let (cfg, abandon) = self.preparing()?;
-        Ok(block_on(
-            abandon,
-            id,
-            runtime::prepare_bundle(cfg, id, bundle, owner),
-        )??)
+        let started = Instant::now();
+        let out = block_on(abandon, id, runtime::prepare_bundle(cfg, id, bundle, owner));
+        count_preparation(cfg, started, &out);
+        Ok(out??)
     }
 
     fn release(&mut self, id: &str) -> Result<(), NodeError> {
@@ -175,6 +174,21 @@ impl Node for RealNode {
             .map(Config::store_dir)
             .unwrap_or_else(|| Config::default().store_dir())
     }
+}
+
+/// Counts a preparation of one of nixenv's containers (a pass-through is not counted and
+/// costs no write) in the node's metrics, and writes what this process counted (its pull,
+/// if any): one small file update, whose failure is only logged.
+fn count_preparation(
+    cfg: &Config,
+    started: Instant,
+    out: &Result<Result<Decision, RuntimeError>, NodeError>,
+) {
+    if !matches!(out, Ok(Ok(Decision::PassThrough))) {
+        let took = started.elapsed().as_secs_f64();
+        metrics::note(|m| m.prepare_duration.observe(took));
+    }
+    metrics::flush(&cfg.state_dir);
 }
 
 /// Runs `fut` (the preparation of `container`) to completion on a runtime built for it, and

@@ -17,6 +17,7 @@
 //! let url = server.url(); // "http://127.0.0.1:PORT", no trailing slash
 //! // … run `nixenv pull` against `url` …
 //! assert_eq!(server.requests_matching("/nar/*"), 4 + 2);
+//! let nar_bytes: u64 = server.request_log().iter().map(|r| r.bytes).sum();
 //! // send every narinfo request to another server
 //! let other = CacheServer::serve(fx.cache(Cache::Xz));
 //! server.inject("*.narinfo", Fault::Redirect { host: "127.0.0.1", port: other.addr().port(), prefix: "" });
@@ -27,6 +28,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,6 +85,27 @@ pub struct RequestRecord {
     pub version: String,
     /// The `User-Agent` header, if any.
     pub user_agent: Option<String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// Bytes of the served file handed to the connection so far (all of them once the body
+    /// has been sent; 0 for HEAD and for error and redirect answers).
+    pub bytes: u64,
+}
+
+/// A request in the log: its record and the counter its body stream adds to.
+#[derive(Debug)]
+struct Logged {
+    record: RequestRecord,
+    sent: Arc<AtomicU64>,
+}
+
+impl Logged {
+    fn snapshot(&self) -> RequestRecord {
+        RequestRecord {
+            bytes: self.sent.load(Ordering::Relaxed),
+            ..self.record.clone()
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -92,11 +115,25 @@ struct Rule {
     remaining: Option<usize>,
 }
 
+/// Which `Authorization` header the server accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum AuthRule {
+    /// Any or none (the default).
+    #[default]
+    Any,
+    /// Exactly this value; anything else is `401 Unauthorized`.
+    Require(String),
+    /// None: a request with one is `400 Bad Request`, as object storage answers a presigned
+    /// URL that also carries credentials.
+    Refuse,
+}
+
 #[derive(Debug, Default)]
 struct Shared {
+    auth: Mutex<AuthRule>,
     mounts: Vec<(String, PathBuf)>,
     rules: Mutex<Vec<Rule>>,
-    log: Mutex<Vec<RequestRecord>>,
+    log: Mutex<Vec<Logged>>,
 }
 
 /// A running test HTTP server; stops on drop.
@@ -234,7 +271,53 @@ impl CacheServer {
 
     /// Every request so far, in arrival order.
     pub fn request_log(&self) -> Vec<RequestRecord> {
-        self.shared.log.lock().unwrap().clone()
+        self.shared
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Logged::snapshot)
+            .collect()
+    }
+
+    /// Body bytes sent so far for requests whose path matches the glob `pattern` (see
+    /// [`CacheServer::inject`]): what a client downloaded, headers aside.
+    pub fn bytes_matching(&self, pattern: &str) -> u64 {
+        self.with_matching(pattern, |logged| {
+            logged.map(|l| l.sent.load(Ordering::Relaxed)).sum()
+        })
+    }
+
+    /// The paths of the requests matching the glob `pattern`, sorted, repeats kept: e.g.
+    /// `paths_matching("/nar/*")`, the NARs fetched.
+    pub fn paths_matching(&self, pattern: &str) -> Vec<String> {
+        let mut paths: Vec<String> = self.with_matching(pattern, |logged| {
+            logged.map(|l| l.record.path.clone()).collect()
+        });
+        paths.sort();
+        paths
+    }
+
+    /// `f` of the logged requests whose path matches the glob `pattern`.
+    fn with_matching<R>(
+        &self,
+        pattern: &str,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Logged>) -> R,
+    ) -> R {
+        let log = self.shared.log.lock().unwrap();
+        f(&mut log.iter().filter(|l| glob_match(pattern, &l.record.path)))
+    }
+
+    /// Answers `401 Unauthorized` to every request without exactly this `Authorization` value
+    /// (`Bearer tok`, `Basic …`), as a private cache does.
+    pub fn require_authorization(&self, value: &str) {
+        *self.shared.auth.lock().unwrap() = AuthRule::Require(value.to_owned());
+    }
+
+    /// Answers `400 Bad Request` to every request with an `Authorization` header, as object
+    /// storage does to a presigned URL that carries credentials as well.
+    pub fn refuse_authorization(&self) {
+        *self.shared.auth.lock().unwrap() = AuthRule::Refuse;
     }
 
     /// Forgets the request log (counts start again from zero).
@@ -249,19 +332,13 @@ impl CacheServer {
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| r.path == path)
+            .filter(|l| l.record.path == path)
             .count()
     }
 
     /// How many requests had a path matching the glob `pattern` (see [`CacheServer::inject`]).
     pub fn requests_matching(&self, pattern: &str) -> usize {
-        self.shared
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| glob_match(pattern, &r.path))
-            .count()
+        self.with_matching(pattern, |logged| logged.count())
     }
 
     /// All requests so far.
@@ -272,8 +349,8 @@ impl CacheServer {
     /// Requests per path.
     pub fn counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for r in self.shared.log.lock().unwrap().iter() {
-            *counts.entry(r.path.clone()).or_insert(0) += 1;
+        for l in self.shared.log.lock().unwrap().iter() {
+            *counts.entry(l.record.path.clone()).or_insert(0) += 1;
         }
         counts
     }
@@ -344,8 +421,28 @@ async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Respons
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let response = respond(shared, req.method(), &path, fault).await;
-    shared.log.lock().unwrap().push(RequestRecord {
+    let sent = Arc::new(AtomicU64::new(0));
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let rule = shared.auth.lock().unwrap().clone();
+    let response = match (rule, &authorization) {
+        (AuthRule::Require(want), got) if got.as_deref() != Some(want.as_str()) => {
+            let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized");
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+        (AuthRule::Refuse, Some(_)) => {
+            text(StatusCode::BAD_REQUEST, "only one auth mechanism allowed")
+        }
+        _ => respond(shared, req.method(), &path, fault, sent.clone()).await,
+    };
+    let record = RequestRecord {
         method: req.method().to_string(),
         path,
         status: response.status().as_u16(),
@@ -356,7 +453,10 @@ async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Respons
             .get(hyper::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
-    });
+        authorization,
+        bytes: 0,
+    };
+    shared.log.lock().unwrap().push(Logged { record, sent });
     response
 }
 
@@ -398,6 +498,7 @@ async fn respond(
     method: &Method,
     path: &str,
     fault: Option<Fault>,
+    counter: Arc<AtomicU64>,
 ) -> Response<Body> {
     if let Some(Fault::Status(code)) = fault {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -447,8 +548,9 @@ async fn respond(
             Some(Fault::Trickle(pause)) => Some(pause),
             _ => None,
         };
-        let stream =
-            futures::stream::unfold((f, 0u64, false), move |(mut f, sent, done)| async move {
+        let stream = futures::stream::unfold((f, 0u64, false), move |(mut f, sent, done)| {
+            let counter = counter.clone();
+            async move {
                 if done {
                     return None;
                 }
@@ -476,6 +578,7 @@ async fn respond(
                     Ok(0) => None,
                     Ok(n) => {
                         buf.truncate(n);
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
                         Some((
                             Ok(Frame::data(Bytes::from(buf))),
                             (f, sent + n as u64, false),
@@ -483,7 +586,8 @@ async fn respond(
                     }
                     Err(e) => Some((Err(e), (f, sent, true))),
                 }
-            });
+            }
+        });
         BodyExt::boxed_unsync(StreamBody::new(stream.boxed()))
     };
     let mut r = Response::new(body);

@@ -3,6 +3,8 @@
 //! - [`fixtures`]: closures built by the host's real Nix (echoserver + glibc + busybox + data),
 //!   signed binary caches (xz, zstd, bzip2, none, and spoiled ones for negative tests) and a
 //!   catalog directory: `Fixtures::get()`.
+//! - [`generations`]: a next generation of the fixture closure, rebuilt by Nix with one
+//!   package changed, and a cache holding both generations.
 //! - [`cache_server`]: a real HTTP/1.1 + h2c server on 127.0.0.1 serving a cache or catalog
 //!   directory, counting requests per path, with fault injection (status codes, dropped
 //!   connections, delays): `CacheServer::serve(dir)`.
@@ -31,15 +33,17 @@ pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod fixtures;
+pub mod generations;
 pub mod images;
 pub mod node;
 pub mod node_registry;
 pub mod podman;
+pub mod python;
 pub mod wide;
 
 pub use cache_server::{CacheServer, Fault, RequestRecord};
 pub use fixtures::{Cache, EchoReply, Fixtures};
-pub use node::{bin_path, nixenv_bin, shim_bin, ServedNode, TestNode};
+pub use node::{bin_path, list_dir, nixenv_bin, shim_bin, ServedNode, TestNode};
 
 /// Pids of this host's processes whose argv (from `/proc/<pid>/cmdline`, lossily decoded)
 /// satisfies `matches`.

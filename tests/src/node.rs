@@ -311,6 +311,34 @@ impl TestNode {
             .collect()
     }
 
+    /// `nixenv sbom --container ID` as CycloneDX: its components' store paths, in the document's
+    /// order, or the error line. Panics if the document is not about that container.
+    pub fn sbom_of_container(&self, id: &str) -> Result<Vec<String>, String> {
+        let out = self
+            .nixenv(&["sbom", "--container", id, "--format", "cyclonedx-json"])
+            .output()
+            .expect("run nixenv sbom");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let bom: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let properties = &bom["metadata"]["component"]["properties"];
+        assert!(
+            properties
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "nixenv:container-id" && p["value"] == id),
+            "{properties}"
+        );
+        Ok(bom["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["bom-ref"].as_str().unwrap().to_owned())
+            .collect())
+    }
+
     /// Sorted names of the entries of `{state-dir}/store` (empty if it does not exist).
     pub fn store_entries(&self) -> Vec<String> {
         list_dir(&self.store_dir())

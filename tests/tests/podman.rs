@@ -72,20 +72,21 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// Files under `state-dir` (outside the store) whose name or content mentions `key`: the pins.
+/// Files under `state-dir` (outside the store, and outside `history`, where the records of
+/// gone containers stay) whose name or content mentions `key`: the pins.
 fn pins_mentioning(node: &TestNode, key: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, store: &Path, key: &str, out: &mut Vec<PathBuf>) {
+    fn walk(dir: &Path, skip: &[PathBuf], key: &str, out: &mut Vec<PathBuf>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
         for e in rd.flatten() {
             let p = e.path();
-            if p == store {
+            if skip.contains(&p) {
                 continue;
             }
             let ft = e.file_type().unwrap();
             if ft.is_dir() {
-                walk(&p, store, key, out);
+                walk(&p, skip, key, out);
             }
             let named = e.file_name().to_string_lossy().contains(key);
             let content = ft.is_file()
@@ -97,7 +98,8 @@ fn pins_mentioning(node: &TestNode, key: &str) -> Vec<PathBuf> {
         }
     }
     let mut out = Vec::new();
-    walk(&node.state_dir(), &node.store_dir(), key, &mut out);
+    let skip = [node.store_dir(), node.state_dir().join("history")];
+    walk(&node.state_dir(), &skip, key, &mut out);
     out
 }
 
@@ -199,6 +201,11 @@ fn nixenv_runc_serves_the_environment_and_rm_unpins() {
         pins_mentioning(&e.node, &id),
         Vec::<PathBuf>::new(),
         "podman rm unpins"
+    );
+    // What ran is still on record (`nixenv sbom --container`), rooting nothing.
+    assert_eq!(
+        e.node.sbom_of_container(&id).as_deref(),
+        Ok(Fixtures::get().echoserver_closure())
     );
     // The store keeps the paths for the next container.
     for p in Fixtures::get().echoserver_closure() {

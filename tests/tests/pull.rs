@@ -221,6 +221,12 @@ fn pull_of_a_dependency_only_installs_its_closure() {
     expected.sort();
     assert_eq!(node.store_entries(), expected);
     assert_eq!(server.requests_matching("/nar/*"), 2);
+    // The pull built the closure's view for its first container: exactly that closure.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let views = node.state_dir().join("views").join(boot.trim());
+    let built = nixenv_testkit::list_dir(&views);
+    assert_eq!(built.len(), 1, "{built:?}");
+    assert_eq!(nixenv_testkit::list_dir(&views.join(&built[0])), expected);
 }
 
 /// The failure contract: non-zero exit, exactly one `nixenv: …` error line on stderr that
@@ -445,13 +451,7 @@ fn a_pull_after_a_partial_one_fetches_only_what_is_missing() {
     assert!(pull(&node, &[&fx.data]).status.success());
     server.reset_counts();
     assert_pulled_echoserver(&pull(&node, &[&fx.echoserver]));
-    let mut fetched: Vec<String> = server
-        .request_log()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/nar/"))
-        .map(|r| r.path)
-        .collect();
-    fetched.sort();
+    let fetched = server.paths_matching("/nar/*");
     let mut expected: Vec<String> = [&fx.echoserver, &fx.glibc]
         .iter()
         .map(|p| format!("/{}", fx.narinfo(Cache::Xz, p).url))

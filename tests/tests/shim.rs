@@ -328,6 +328,9 @@ async fn mission_pod_serves_from_its_closure() {
         "only the closure under /nix/store"
     );
     assert_eq!(env.node.pins().len(), 1, "the container is pinned");
+    // What ran, as an SBOM: exactly the closure, for this container.
+    let what_ran = env.node.sbom_of_container(&id).expect("sbom --container");
+    assert_eq!(what_ran, fx.echoserver_closure());
 
     // Exec sees the same environment and cannot write the store.
     let out = cri
@@ -337,15 +340,39 @@ async fn mission_pod_serves_from_its_closure() {
     assert_eq!(lines.next(), Some(path.as_str()));
     let listed: Vec<&str> = lines.collect();
     assert_eq!(listed, want.iter().map(String::as_str).collect::<Vec<_>>());
-    let r = cri
-        .exec_sync(&id, &["touch", &format!("{}/owned", fx.echoserver)], 10)
-        .await
-        .unwrap();
-    assert_ne!(r.exit_code, 0);
+    for target in [
+        format!("{}/owned", fx.echoserver),
+        "/nix/store/owned".to_string(),
+    ] {
+        let r = cri.exec_sync(&id, &["touch", &target], 10).await.unwrap();
+        assert_ne!(r.exit_code, 0, "{target} written");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Read-only"),
+            "{:?}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    // The closure is ONE mount, the node's view of exactly this closure; the host has none.
+    let mountinfo = cri.exec_ok(&id, &["cat", "/proc/self/mountinfo"]).await;
+    let store_mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| {
+            let point = l.split(' ').nth(4).unwrap_or("");
+            point == "/nix/store" || point.starts_with("/nix/store/")
+        })
+        .collect();
+    assert_eq!(store_mounts.len(), 1, "{store_mounts:?}");
+    let views = views_of(&env.node);
+    assert_eq!(views.len(), 1, "one view: {views:?}");
+    assert_eq!(
+        nixenv_testkit::list_dir(&views[0]),
+        want,
+        "the view is the closure"
+    );
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
-        String::from_utf8_lossy(&r.stderr).contains("Read-only"),
-        "{:?}",
-        String::from_utf8_lossy(&r.stderr)
+        !host.contains(&env.node.state_dir().display().to_string()),
+        "no mount of the node's state on the host"
     );
 
     cri.stop_container(&id, 10).await.unwrap();
@@ -359,6 +386,37 @@ async fn mission_pod_serves_from_its_closure() {
     );
     cri.delete_pod(&pod_id).await.unwrap();
     c.assert_clean().await;
+    // Gone, the container's record still says what it ran.
+    assert_eq!(
+        env.node.sbom_of_container(&id).as_deref(),
+        Ok(fx.echoserver_closure())
+    );
+    // Unpinned, the closure and its view go with the next gc.
+    let out = env.node.nixenv(&["gc"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("1 closure view(s) removed"), "{out}");
+    assert!(views_of(&env.node).is_empty());
+    assert!(env.node.store_entries().is_empty(), "{out}");
+    // Without the paths' records, the SBOM cannot be made: one line says which path.
+    let err = env.node.sbom_of_container(&id).unwrap_err();
+    assert!(
+        err.starts_with(&format!("nixenv: container {id}: /nix/store/"))
+            && err
+                .trim_end()
+                .ends_with("not in the node store (removed by gc since?): its record is needed"),
+        "{err}"
+    );
+}
+
+/// The closure views of `node` (this boot's).
+fn views_of(node: &TestNode) -> Vec<PathBuf> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let dir = node.state_dir().join("views").join(boot.trim());
+    nixenv_testkit::list_dir(&dir)
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .map(|n| dir.join(n))
+        .collect()
 }
 
 /// containerd for user-namespaced pods of `env`'s node: the pods' network is the loopback-only
@@ -594,6 +652,26 @@ async fn bad_references_fail_create_with_one_line() {
     c.assert_clean().await;
 }
 
+/// `nixenv metrics` on `node`: value per unlabelled sample (tests/tests/metrics.rs checks the
+/// format with Prometheus' own parser).
+fn metrics(node: &TestNode) -> std::collections::BTreeMap<String, f64> {
+    let out = node
+        .nixenv(&["metrics"])
+        .output()
+        .expect("run nixenv metrics");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().expect("a number")))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_pods_of_one_environment_at_once_fetch_each_nar_once() {
     let fx = Fixtures::get();
@@ -649,6 +727,18 @@ async fn eight_pods_of_one_environment_at_once_fetch_each_nar_once() {
         "each NAR fetched once: {counts:?}\nretries logged by the shims: {retries:#?}"
     );
     assert_eq!(env.node.pins().len(), 8);
+    // Metrics: 8 preparations, each path fetched and counted once, whichever pod pulled it.
+    let m = metrics(&env.node);
+    assert_eq!(m["nixenv_prepare_duration_seconds_count"], 8.0, "{m:?}");
+    assert_eq!(m["nixenv_pins"], 8.0, "{m:?}");
+    assert_eq!(
+        m["nixenv_store_path_fetches_total"],
+        fx.echoserver_closure().len() as f64,
+        "{m:?}"
+    );
+    let pulls = m["nixenv_pulls_total"];
+    assert!((1.0..=8.0).contains(&pulls), "{m:?}");
+    assert_eq!(m["nixenv_pull_duration_seconds_count"], pulls, "{m:?}");
     let mut cri = cri.clone();
     for (pod_id, _) in &pods {
         cri.delete_pod(pod_id).await.expect("delete pod");
@@ -703,6 +793,11 @@ async fn two_containers_in_one_pod_and_a_skipped_sidecar() {
         "only the main container is pinned"
     );
     let _ = fx;
+    // Only the main container's preparation is counted: the sandbox and the skipped sidecar
+    // pass through.
+    let m = metrics(&env.node);
+    assert_eq!(m["nixenv_prepare_duration_seconds_count"], 1.0, "{m:?}");
+    assert_eq!(m["nixenv_pins"], 1.0, "{m:?}");
     cri.delete_pod(&pod_id).await.unwrap();
     assert!(env.node.pins().is_empty());
     c.assert_clean().await;
@@ -900,9 +995,12 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preparing_process_stopped_mid_download_leaves_nothing_behind() {
     let env = nix_env();
+    // Each NAR's body trickles, so the download is still running when its request shows in
+    // the server's log (a delay before answering would be logged only once it had passed,
+    // by when the small NARs are all but installed).
     env.caches.inject(
         "/nar/*",
-        nixenv_testkit::Fault::Delay(Duration::from_secs(3)),
+        nixenv_testkit::Fault::Trickle(Duration::from_millis(5)),
     );
     let bundle = tempfile::tempdir().unwrap();
     let config = serde_json::json!({

@@ -236,6 +236,17 @@ fn server_serves_counts_and_injects_faults() {
 
     assert_eq!(server.requests_matching("/nar/*"), 2);
     assert_eq!(server.total_requests(), 9);
+    // Bytes sent: the whole NAR, then the 1000 bytes before the cut; narinfos of 13 bytes
+    // twice (the 500s and the 404 send no file).
+    let nar_bytes: Vec<u64> = server
+        .request_log()
+        .iter()
+        .filter(|r| r.path == "/nar/big.nar")
+        .map(|r| r.bytes)
+        .collect();
+    assert_eq!(nar_bytes, [300_000, 1000]);
+    assert_eq!(server.bytes_matching("*.narinfo"), 2 * 13);
+    assert_eq!(server.bytes_matching("*"), 301_000 + 26);
     server.reset_counts();
     assert_eq!(server.total_requests(), 0);
 }
@@ -276,4 +287,38 @@ fn server_speaks_h2c_and_mounts() {
     });
     let log = server.request_log();
     assert_eq!(log.last().unwrap().version, "HTTP/2.0");
+}
+
+#[test]
+fn test_server_binary_writes_its_request_log_on_sigusr1() {
+    let dir = served_dir();
+    let out = tempfile::tempdir().unwrap();
+    let log = out.path().join("served.log");
+    let mut child = Command::new(nixenv_testkit::bin_path("nixenv-test-server"))
+        .arg("--log")
+        .arg(&log)
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    let addr = url.trim().trim_start_matches("http://").to_owned();
+    assert_eq!(raw_get(&addr, "/nar/big.nar").0, 200);
+    assert_eq!(raw_get(&addr, "/missing.narinfo").0, 404);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        text,
+        "GET /nar/big.nar 200 300000\nGET /missing.narinfo 404 0\n"
+    );
 }

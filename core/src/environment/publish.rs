@@ -86,7 +86,7 @@ pub fn catalog_dir(value: &str) -> Result<PathBuf, PublishError> {
                 value: value.to_owned(),
                 reason: "not a local path".into(),
             }),
-            Some(Scheme::Http) => Err(PublishError::ReadOnlyCatalog {
+            Some(Scheme::Http | Scheme::S3) => Err(PublishError::ReadOnlyCatalog {
                 scheme: url.scheme().to_owned(),
                 url: Box::new(url),
             }),

@@ -1,6 +1,7 @@
 //! The production [`Fetch`], and the one place it is built from a configuration
 //! ([`Fetcher::for_config`]): each URL goes to the backend of its [`Scheme`], one file each
-//! ([`super::http`], [`super::file`]). A new backend is a file, a [`Scheme`] variant and an arm
+//! ([`super::http`], [`super::file`], [`super::s3`], which signs and sends through the HTTP
+//! backend). A new backend is a file, a [`Scheme`] variant and an arm
 //! in [`Fetcher`]'s `get`.
 //!
 //! Build one per operation and share it (`&Fetcher`, or `Arc<Fetcher>` where a
@@ -13,6 +14,7 @@ use url::Url;
 use super::file::FileFetcher;
 use super::http::{HttpFetcher, HttpSettings};
 use super::netrc::{Netrc, NetrcError};
+use super::s3::S3Fetcher;
 use super::scheme::Scheme;
 use super::{Body, Fetch, FetchError};
 use crate::config::Config;
@@ -21,6 +23,7 @@ use crate::config::Config;
 pub struct Fetcher {
     http: HttpFetcher,
     file: FileFetcher,
+    s3: S3Fetcher,
 }
 
 impl Fetcher {
@@ -28,10 +31,12 @@ impl Fetcher {
     /// here). Every binary and the runtime build their fetcher through this call.
     pub fn for_config(cfg: &Config) -> Result<Self, NetrcError> {
         let netrc = cfg.netrc_file.as_deref().map(Netrc::load).transpose()?;
-        Ok(Self::with_http(HttpFetcher::with_settings(
+        let mut fetcher = Self::with_http(HttpFetcher::with_settings(
             HttpSettings::from_config(cfg),
             netrc,
-        )))
+        ));
+        fetcher.s3 = S3Fetcher::new(cfg.substituters.iter().chain(cfg.catalog.as_ref()));
+        Ok(fetcher)
     }
 
     /// A fetcher over an explicitly configured HTTP backend.
@@ -39,6 +44,7 @@ impl Fetcher {
         Fetcher {
             http,
             file: FileFetcher,
+            s3: S3Fetcher::new([]),
         }
     }
 }
@@ -48,6 +54,7 @@ impl Fetch for Fetcher {
         match Scheme::of(url) {
             Some(Scheme::Http) => self.http.get(url).await,
             Some(Scheme::File) => self.file.get(url).await,
+            Some(Scheme::S3) => self.s3.get(&self.http, url).await,
             None => Err(FetchError::Transport {
                 url: url.clone(),
                 message: format!("unsupported URL scheme {:?}", url.scheme()),
@@ -88,12 +95,12 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_schemes_are_refused() {
-        let url = Url::parse("s3://bucket/nix-cache-info").unwrap();
+        let url = Url::parse("gopher://bucket/nix-cache-info").unwrap();
         let e = fetcher().get(&url).await.err().unwrap();
         assert!(!e.is_retryable());
         assert_eq!(
             e.to_string(),
-            "s3://bucket/nix-cache-info: unsupported URL scheme \"s3\""
+            "gopher://bucket/nix-cache-info: unsupported URL scheme \"gopher\""
         );
     }
 

@@ -8,7 +8,9 @@
 //!   most [`super::redirect::MAX_REDIRECTS`]); a refused one is [`FetchError::Redirect`], and the
 //!   final URL of a followed one is logged (`final_url`).
 //! - 404 and 410 are [`FetchError::NotFound`], other non-2xx are [`FetchError::Status`].
-//! - Basic authentication per host from `netrc-file`.
+//! - Authentication per host from `netrc-file`: Basic, or Bearer for an entry without a login
+//!   ([`super::netrc::Auth`]); sent to the URL's host only (reqwest drops it when a redirect
+//!   leaves the origin, so a presigned object-storage URL gets no second credential).
 //! - No retries here: callers wrap whole operations in [`super::retry::RetryPolicy`], so a NAR
 //!   whose stream breaks midway is restarted from its first byte.
 
@@ -19,7 +21,7 @@ use futures::TryStreamExt;
 use url::Url;
 
 use super::counted::Counted;
-use super::netrc::Netrc;
+use super::netrc::{Auth, Netrc};
 use super::redirect::RedirectRefused;
 use super::{Body, Fetch, FetchError};
 use crate::config::{AllowedRedirectHosts, Config};
@@ -94,25 +96,53 @@ impl HttpFetcher {
             })
     }
 
+    /// GETs `url` with netrc's credentials for its host.
     async fn get_http(&self, url: &Url) -> Result<Body, FetchError> {
-        let client = self.client(url)?;
+        self.send(url, url, None).await
+    }
+
+    /// GETs `url` with `headers` (an S3 signature) instead of netrc's credentials; errors
+    /// name `shown` (the `s3://` URL the user configured).
+    pub(super) async fn get_with_headers(
+        &self,
+        url: &Url,
+        shown: &Url,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<Body, FetchError> {
+        self.send(url, shown, Some(headers)).await
+    }
+
+    async fn send(
+        &self,
+        url: &Url,
+        shown: &Url,
+        headers: Option<Vec<(&'static str, String)>>,
+    ) -> Result<Body, FetchError> {
+        let client = self.client(shown)?;
         let mut req = client.get(url.clone());
-        if let (Some(netrc), Some(host)) = (&self.netrc, url.host_str()) {
+        if let Some(headers) = headers {
+            for (name, value) in headers {
+                req = req.header(name, value);
+            }
+        } else if let (Some(netrc), Some(host)) = (&self.netrc, url.host_str()) {
             if url.username().is_empty() {
                 if let Some(c) = netrc.lookup(host) {
-                    req = req.basic_auth(&c.login, Some(&c.password));
+                    req = match c.auth() {
+                        Auth::Basic { login, password } => req.basic_auth(login, Some(password)),
+                        Auth::Bearer { token } => req.bearer_auth(token),
+                    };
                 }
             }
         }
         let resp = req.send().await.map_err(|e| match redirect_refused(&e) {
             Some(refused) => {
-                tracing::warn!(%url, %refused, "redirect refused");
+                tracing::warn!(url = %shown, %refused, "redirect refused");
                 FetchError::Redirect {
-                    url: url.clone(),
+                    url: shown.clone(),
                     refused: Box::new(refused),
                 }
             }
-            None => transport(url, &e),
+            None => transport(shown, &e),
         })?;
         let status = resp.status().as_u16();
         let final_url = resp.url();
@@ -121,18 +151,18 @@ impl HttpFetcher {
         }
         tracing::debug!(%url, %final_url, status, content_length = resp.content_length(), version = ?resp.version(), "GET");
         match status {
-            404 | 410 => return Err(FetchError::NotFound { url: url.clone() }),
+            404 | 410 => return Err(FetchError::NotFound { url: shown.clone() }),
             200..=299 => {}
             _ => {
                 return Err(FetchError::Status {
-                    url: url.clone(),
+                    url: shown.clone(),
                     status,
                 })
             }
         }
-        let u = url.clone();
+        let u = shown.clone();
         let stream = resp.bytes_stream().map_err(move |e| transport(&u, &e));
-        Ok(Box::pin(Counted::new(stream, url.clone())))
+        Ok(Box::pin(Counted::new(stream, shown.clone())))
     }
 }
 

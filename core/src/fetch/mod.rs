@@ -13,7 +13,9 @@ pub mod netrc;
 pub mod pace;
 pub mod redirect;
 pub mod retry;
+pub mod s3;
 pub mod scheme;
+pub mod sigv4;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,13 +1,40 @@
 //! A small `.netrc` parser: `machine`, `default`, `login`, `password` (`account` and
-//! `macdef` are understood and ignored), for HTTP basic authentication per host.
+//! `macdef` are understood and ignored), for HTTP authentication per host: an entry with a
+//! `login` is HTTP Basic (`login:password`); one with only a `password` is a token, sent as
+//! `Authorization: Bearer <password>` (what attic and cachix issue and accept).
 
 use std::path::{Path, PathBuf};
 
 /// Credentials for one machine (or the `default` entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
-    pub login: String,
+    /// `None` when the entry has no `login`: the password is a bearer token.
+    pub login: Option<String>,
     pub password: String,
+}
+
+/// How [`Credentials`] authenticate a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth<'a> {
+    /// HTTP Basic.
+    Basic { login: &'a str, password: &'a str },
+    /// `Authorization: Bearer <token>`.
+    Bearer { token: &'a str },
+}
+
+impl Credentials {
+    /// Basic with a login, else Bearer with the password as the token.
+    pub fn auth(&self) -> Auth<'_> {
+        match &self.login {
+            Some(login) => Auth::Basic {
+                login,
+                password: &self.password,
+            },
+            None => Auth::Bearer {
+                token: &self.password,
+            },
+        }
+    }
 }
 
 /// A parsed netrc file.
@@ -61,7 +88,7 @@ impl Netrc {
         let finish = |out: &mut Netrc, e: Option<Entry>| {
             if let Some(e) = e {
                 let creds = Credentials {
-                    login: e.login.unwrap_or_default(),
+                    login: e.login,
                     password: e.password.unwrap_or_default(),
                 };
                 match e.machine {
@@ -173,13 +200,42 @@ mod tests {
         assert_eq!(
             n.lookup("cache.example.org"),
             Some(&Credentials {
-                login: "alice".into(),
+                login: Some("alice".into()),
                 password: "s3cret".into()
             })
         );
-        assert_eq!(n.lookup("OTHER.example.org").unwrap().login, "bob");
+        assert_eq!(
+            n.lookup("cache.example.org").unwrap().auth(),
+            Auth::Basic {
+                login: "alice",
+                password: "s3cret"
+            }
+        );
+        assert_eq!(
+            n.lookup("OTHER.example.org").unwrap().login.as_deref(),
+            Some("bob")
+        );
         assert_eq!(n.lookup("OTHER.example.org").unwrap().password, "hunter2");
-        assert_eq!(n.lookup("unknown.example.org").unwrap().login, "anon");
+        assert_eq!(
+            n.lookup("unknown.example.org").unwrap().login.as_deref(),
+            Some("anon")
+        );
+    }
+
+    #[test]
+    fn an_entry_without_login_is_a_bearer_token() {
+        let n = parse(
+            "machine attic.example.org password eyJhbGciOi.tok
+",
+        )
+        .unwrap();
+        assert_eq!(
+            n.lookup("attic.example.org").unwrap().auth(),
+            Auth::Bearer {
+                token: "eyJhbGciOi.tok"
+            }
+        );
+        assert_eq!(n.lookup("other.example.org"), None);
     }
 
     #[test]
@@ -190,7 +246,7 @@ mod tests {
              machine b login u password p\n",
         )
         .unwrap();
-        assert_eq!(n.lookup("a").unwrap().login, "x");
+        assert_eq!(n.lookup("a").unwrap().login.as_deref(), Some("x"));
         assert_eq!(n.lookup("b").unwrap().password, "p");
         assert_eq!(n.lookup("c"), None);
     }

@@ -94,6 +94,8 @@ pub enum GcError {
     Remove(#[from] RemoveError),
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error(transparent)]
+    View(#[from] crate::store::view::ViewError),
 }
 
 impl GcError {

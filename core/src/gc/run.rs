@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::nix::StorePath;
 use crate::pin;
+use crate::store::view::Views;
 use crate::store::Store;
 
 use super::collect::{self, Kept, Policy};
@@ -80,6 +81,12 @@ pub struct GcReport {
     pub size_before: u64,
     /// Kept paths by reason: (count, bytes).
     pub kept: BTreeMap<Kept, (usize, u64)>,
+    /// Closure views removed with a path they held, and views of earlier boots or
+    /// unfinished builds (see [`crate::store::view`]).
+    pub views_removed: usize,
+    /// Records of gone containers removed from `{state-dir}/history` (older than
+    /// [`pin::HISTORY_KEEP`]).
+    pub history_pruned: usize,
 }
 
 impl GcReport {
@@ -230,10 +237,11 @@ pub fn collect_garbage<P: ContainerProbe>(
     for (p, written, why) in &stale {
         // Re-check: a pin rewritten since it was probed belongs to a new container.
         if roots::pin_written(state_dir, &p.container_id) == *written {
-            pin::unpin(state_dir, &p.container_id)?;
+            pin::retire(state_dir, &p.container_id)?;
             tracing::info!(container = %p.container_id, reference = %p.reference, reason = %why, "dropped stale pin");
         }
     }
+    report.history_pruned = pin::prune_history(state_dir, pin::HISTORY_KEEP)?;
     let pinned: Vec<StorePath> = plan
         .kept
         .iter()
@@ -241,6 +249,11 @@ pub fn collect_garbage<P: ContainerProbe>(
         .map(|(p, _)| p.clone())
         .collect();
     usage::touch(store, &pinned);
+    // Views go before their paths: no view outlives a path it holds (hard links would keep
+    // the path's files, and show them to the next container of that closure).
+    let doomed: BTreeSet<StorePath> = plan.remove.iter().chain(invalid.iter()).cloned().collect();
+    let collected = Views::open(state_dir)?.collect(&doomed)?;
+    report.views_removed = collected.views + collected.leftovers;
     for p in plan.remove.iter().chain(invalid.iter()) {
         delete::retire(store, p)?;
         tracing::info!(path = %p, "removed");

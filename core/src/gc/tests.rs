@@ -136,29 +136,25 @@ fn world() -> World {
     }
 }
 
+fn dry_run(w: &World) -> GcReport {
+    collect_garbage(
+        &w.store,
+        &w.probe,
+        &GcOptions {
+            dry_run: true,
+            ..GcOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 fn keeps_live_closures_drops_stale_pins_and_removes_the_rest() {
     let w = world();
     let state = w.store.state_dir().to_owned();
-    let dry = collect_garbage(
-        &w.store,
-        &w.probe,
-        &GcOptions {
-            dry_run: true,
-            ..GcOptions::default()
-        },
-    )
-    .unwrap();
+    let dry = dry_run(&w);
     let before = snapshot(&state);
-    let again = collect_garbage(
-        &w.store,
-        &w.probe,
-        &GcOptions {
-            dry_run: true,
-            ..GcOptions::default()
-        },
-    )
-    .unwrap();
+    let again = dry_run(&w);
     assert_eq!(snapshot(&state), before, "a dry run changes nothing");
     assert_eq!(dry, again);
 
@@ -346,4 +342,60 @@ fn gc_waits_for_pulls_holding_the_shared_lock() {
     // keep_since is zero, so the unpinned path goes once gc may run: only after the pull let go.
     rx.recv_timeout(Duration::from_secs(5)).unwrap();
     assert!(!w.store.is_valid(&w.old).unwrap());
+}
+
+#[test]
+fn closure_views_go_with_the_paths_they_hold_and_live_ones_stay() {
+    use crate::store::view::Views;
+    let w = world();
+    let state = w.store.state_dir().to_owned();
+    let views = Views::open(&state).unwrap();
+    let live = views
+        .build(
+            std::slice::from_ref(&w.app),
+            &[w.app.clone(), w.lib.clone(), w.libc.clone()],
+        )
+        .unwrap();
+    let dead = views
+        .build(
+            std::slice::from_ref(&w.gone),
+            &[w.gone.clone(), w.libc.clone()],
+        )
+        .unwrap();
+    let alone = views
+        .build(std::slice::from_ref(&w.old), std::slice::from_ref(&w.old))
+        .unwrap();
+    // A view of an earlier boot is never used again.
+    let earlier = Views::for_boot(&state, "an-earlier-boot")
+        .build(std::slice::from_ref(&w.app), std::slice::from_ref(&w.app))
+        .unwrap();
+
+    let dry = dry_run(&w);
+    assert_eq!(dry.views_removed, 0);
+    assert!(dead.dir.exists(), "a dry run removes no view");
+
+    let r = collect_garbage(&w.store, &w.probe, &GcOptions::default()).unwrap();
+    assert_eq!(r.views_removed, 3);
+    assert!(!dead.dir.exists() && !alone.dir.exists() && !earlier.dir.exists());
+    assert_eq!(views.list().unwrap(), vec![live.clone()]);
+    // The live view still shows the whole closure.
+    assert!(live.dir.join(w.app.base_name()).join("bin/x").is_file());
+
+    // Its container goes away: the next gc removes the view with the closure.
+    let mut probe = FakeProbe::default();
+    probe
+        .answers
+        .insert("c1".into(), Presence::Gone("runc root wiped".into()));
+    let r = collect_garbage(&w.store, &probe, &GcOptions::default()).unwrap();
+    assert_eq!(r.views_removed, 1);
+    assert!(views.list().unwrap().is_empty());
+    let left: Vec<_> = std::fs::read_dir(state.join("views"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "only this boot's (empty) directory: {left:?}"
+    );
 }

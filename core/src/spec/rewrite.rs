@@ -1,12 +1,16 @@
 //! From a resolved, materialised environment to an OCI runtime spec: pure, no I/O.
 //!
-//! - A read-only tmpfs on `/nix/store` (`nosuid,nodev,mode=755,ro`), so the container sees
-//!   nothing else there and cannot create files under it, whatever its image holds; runc
-//!   creates the bind mountpoints in it before remounting it read-only (checked on runc 1.1).
-//! - One bind mount per closure path: `/nix/store/<base>` from `{store}/<base>`,
-//!   `rbind,ro,nosuid,nodev`. Mounts the spec already had at or below `/nix/store` are dropped.
-//!   In a user-namespaced spec each bind is idmapped with the container's own mappings
-//!   ([`super::idmap`]), so the store appears owned by the container's root.
+//! - With a closure view ([`crate::store::view`], the default): ONE bind mount of the view on
+//!   `/nix/store`, `rbind,ro,nosuid,nodev`. The view holds exactly the closure, so the
+//!   container sees nothing else there, whatever its image holds, and the mount count does not
+//!   grow with the closure.
+//! - Without one: a read-only tmpfs on `/nix/store` (`nosuid,nodev,mode=755,ro`), so the
+//!   container sees nothing else there and cannot create files under it; runc creates the bind
+//!   mountpoints in it before remounting it read-only (checked on runc 1.1); then one bind
+//!   mount per closure path: `/nix/store/<base>` from `{store}/<base>`, `rbind,ro,nosuid,nodev`.
+//! - Mounts the spec already had at or below `/nix/store` are dropped. In a user-namespaced
+//!   spec each bind is idmapped with the container's own mappings ([`super::idmap`]), so the
+//!   store appears owned by the container's root.
 //! - A variable's value is its last entry in `process.env`, as runc reads it (it sets each
 //!   entry in order; CRI-O's specs carry two `PATH` entries, its default first and the image's
 //!   later). Every variable the rewrite sets ends with exactly one entry, holding the value it
@@ -52,8 +56,10 @@ pub struct Environment<'a> {
     pub paths: &'a [StorePath],
     /// The lock's env, in lock order.
     pub env: &'a EnvVars,
-    /// Every path of the closure (each gets a bind mount).
+    /// Every path of the closure (each gets a bind mount when there is no view).
     pub closure: &'a [StorePath],
+    /// The closure's view, mounted on `/nix/store` instead of one bind per path.
+    pub view: Option<&'a Path>,
 }
 
 /// Whether `path` is `/nix/store` or below it (component-wise, so `/nix/storex` is not).
@@ -65,7 +71,24 @@ pub fn is_under_store(path: &Path) -> bool {
     norm.starts_with(STORE_DIR)
 }
 
-/// The mounts the rewrite adds, in order.
+fn bind(source: PathBuf, destination: PathBuf) -> Mount {
+    let mut m = Mount::default();
+    m.set_destination(destination)
+        .set_typ(Some("bind".into()))
+        .set_source(Some(source))
+        .set_options(Some(BIND_OPTIONS.iter().map(|s| s.to_string()).collect()));
+    m
+}
+
+/// The mounts the rewrite adds, in order: the view's one bind, or the per-path binds.
+pub fn store_mounts(env: &Environment<'_>, store_dir: &Path) -> Vec<Mount> {
+    match env.view {
+        Some(view) => vec![bind(view.to_owned(), PathBuf::from(STORE_DIR))],
+        None => closure_mounts(env.closure, store_dir),
+    }
+}
+
+/// The per-path mounts: a read-only tmpfs, then one bind per closure path.
 pub fn closure_mounts(closure: &[StorePath], store_dir: &Path) -> Vec<Mount> {
     let mut out = Vec::with_capacity(closure.len() + 1);
     let mut tmpfs = Mount::default();
@@ -81,12 +104,10 @@ pub fn closure_mounts(closure: &[StorePath], store_dir: &Path) -> Vec<Mount> {
     sorted.sort();
     sorted.dedup();
     for p in sorted {
-        let mut m = Mount::default();
-        m.set_destination(PathBuf::from(p.to_absolute_path()))
-            .set_typ(Some("bind".into()))
-            .set_source(Some(store_dir.join(p.base_name())))
-            .set_options(Some(BIND_OPTIONS.iter().map(|s| s.to_string()).collect()));
-        out.push(m);
+        out.push(bind(
+            store_dir.join(p.base_name()),
+            PathBuf::from(p.to_absolute_path()),
+        ));
     }
     out
 }
@@ -182,7 +203,7 @@ pub fn rewrite(
         .into_iter()
         .filter(|m| !is_under_store(m.destination()))
         .collect();
-    let mut ours = closure_mounts(env.closure, store_dir);
+    let mut ours = store_mounts(env, store_dir);
     if let Some(mappings) = user_mappings(spec) {
         ours.iter_mut()
             .filter(|m| m.typ().as_deref() == Some("bind"))
@@ -303,6 +324,16 @@ mod tests {
     }
 
     fn apply(s: &mut Spec, reference: &str, generation: Option<u64>, env: &EnvVars) {
+        apply_with_view(s, reference, generation, env, None)
+    }
+
+    fn apply_with_view(
+        s: &mut Spec,
+        reference: &str,
+        generation: Option<u64>,
+        env: &EnvVars,
+        view: Option<&Path>,
+    ) {
         let paths = [sp(A), sp(D), sp(B)];
         let closure = [sp(C), sp(B), sp(A), sp(D), sp(A)];
         let e = Environment {
@@ -311,6 +342,7 @@ mod tests {
             paths: &paths,
             env,
             closure: &closure,
+            view,
         };
         rewrite(s, &e, Path::new("/var/lib/nixenv/store"), |p| {
             p.name() != "data"
@@ -353,6 +385,36 @@ mod tests {
             s.process().as_ref().unwrap().args().clone().unwrap(),
             ["echoserver", "--port", "8080"]
         );
+    }
+
+    #[test]
+    fn a_view_is_one_read_only_bind_on_the_store_whatever_the_closure() {
+        let mut s = spec(&[]);
+        let before: Vec<Mount> = Spec::default().mounts().clone().unwrap();
+        let view = Path::new("/var/lib/nixenv/views/b/k");
+        let apply_view = |s: &mut Spec| {
+            apply_with_view(
+                s,
+                "acme/echoserver",
+                Some(2),
+                &EnvVars::default(),
+                Some(view),
+            )
+        };
+        apply_view(&mut s);
+        let mounts = s.mounts().clone().unwrap();
+        assert_eq!(&mounts[..before.len()], &before[..]);
+        let ours = &mounts[before.len() + 1..];
+        assert_eq!(
+            serde_json::to_value(ours).unwrap(),
+            serde_json::json!([{"destination": "/nix/store", "type": "bind",
+                "source": "/var/lib/nixenv/views/b/k",
+                "options": ["rbind", "ro", "nosuid", "nodev"]}])
+        );
+        // Applying it twice gives the same spec.
+        let once = s.clone();
+        apply_view(&mut s);
+        assert_eq!(s, once);
     }
 
     #[test]

@@ -56,6 +56,7 @@
 pub mod remove;
 pub mod space;
 pub mod unpack;
+pub mod view;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -109,6 +110,20 @@ impl Closure {
     /// The absolute `/nix/store/...` paths, sorted.
     pub fn absolute_paths(&self) -> Vec<String> {
         self.paths.iter().map(|p| p.to_absolute_path()).collect()
+    }
+
+    /// The paths of this closure reachable from `roots` (a sub-closure), sorted.
+    pub fn reachable_from(&self, roots: &[StorePath]) -> Vec<StorePath> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut queue: VecDeque<&StorePath> = roots.iter().collect();
+        while let Some(p) = queue.pop_front() {
+            if let Some((key, refs)) = self.references.get_key_value(p) {
+                if seen.insert(key) {
+                    queue.extend(refs);
+                }
+            }
+        }
+        seen.into_iter().cloned().collect()
     }
 }
 

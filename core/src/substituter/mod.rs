@@ -22,7 +22,11 @@
 //!   the walk, under the path's store lock (re-checking validity, so concurrent processes
 //!   fetch each path once); body chunks go through a bounded channel to a blocking thread that
 //!   decompresses, hashes, unpacks into a staging area and verifies NarHash/NarSize before
-//!   the commit rename. A failed attempt that may succeed again (5xx, reset, timeout, a
+//!   the commit rename. Several NARs are decoded at once, one thread each; when a core is
+//!   spare (fewer NARs in work than cores, as at the end of a pull), a NAR of 1 MiB or more
+//!   moves its decompression to a second thread that hands decoded chunks over a bounded
+//!   channel to the hashing and unpacking one ([`decode`]), so that one big NAR uses two
+//!   cores. A failed attempt that may succeed again (5xx, reset, timeout, a
 //!   stream broken midway) restarts that NAR from scratch, with backoff. A NAR below
 //!   `min-transfer-rate` over a `transfer-rate-window`, or not complete within
 //!   `nar-timeout-base` + NarSize / `min-transfer-rate`, fails at once ([`crate::fetch::pace`]).
@@ -46,6 +50,7 @@
 
 pub mod confine;
 pub mod cycle;
+pub mod decode;
 pub mod error;
 pub mod progress;
 pub mod resolve;
@@ -108,7 +113,10 @@ pub async fn materialise<F: Fetch, P: Progress>(
 ) -> Result<Closure, SubstituteError> {
     let store = open_store(cfg)?;
     let closure = match local_closure(&store, roots)? {
-        Some(c) => c,
+        Some(c) => {
+            crate::metrics::note(|m| m.path_hits += c.paths.len() as u64);
+            c
+        }
         None => {
             Substituter::new(cfg, fetch, Arc::new(store.clone()))?
                 .materialise(roots, progress)
@@ -154,6 +162,9 @@ pub struct Substituter<F: Fetch, S: FreeSpace = Statvfs> {
     requests: usize,
     downloads: usize,
     limits: NarLimits,
+    /// The threads working on NARs against the cores: a big NAR's decoding gets a thread of
+    /// its own only on a spare core.
+    cores: Arc<decode::Cores>,
     free_space: S,
     /// `gc-max-size`, named in a lack-of-space error.
     budget: Option<u64>,
@@ -254,9 +265,11 @@ impl<F: Fetch> Substituter<F> {
             store,
             requests: cfg.http_connections.max(1),
             // Each download decompresses on its own thread; a few per core keep the
-            // network busy without holding many decoder windows in memory.
+            // network busy without holding many decoder windows in memory. A second thread
+            // per download decodes only on a spare core ([`decode::Cores`]).
             downloads,
             limits: NarLimits::default(),
+            cores: Arc::new(decode::Cores::new(cpus)),
             free_space: Statvfs,
             budget: cfg.gc_max_size,
         })
@@ -271,6 +284,7 @@ impl<F: Fetch> Substituter<F> {
             requests: self.requests,
             downloads: self.downloads,
             limits: self.limits,
+            cores: self.cores,
             free_space,
             budget: self.budget,
         }
@@ -301,6 +315,12 @@ impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
         }
     }
 
+    /// Counts `cores` cores for decoding threads instead of the machine's (tests).
+    pub fn with_cores(mut self, cores: usize) -> Self {
+        self.cores = Arc::new(decode::Cores::new(cores));
+        self
+    }
+
     /// Replaces the retry policy (tests use short delays).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.resolver.retry = retry;
@@ -312,8 +332,21 @@ impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
         &self.store
     }
 
-    /// Materialises the closure of `roots`; see the module documentation.
+    /// Materialises the closure of `roots`; see the module documentation. Counted in the
+    /// process's metrics ([`crate::metrics::note_pull`]).
     pub async fn materialise<P: Progress>(
+        &self,
+        roots: &[StorePath],
+        progress: &P,
+    ) -> Result<Closure, SubstituteError> {
+        let started = std::time::Instant::now();
+        let tally = crate::metrics::Tally::new(progress);
+        let result = self.materialise_walk(roots, &tally).await;
+        crate::metrics::note_pull(&tally, started.elapsed(), result.as_ref().err());
+        result
+    }
+
+    async fn materialise_walk<P: Progress>(
         &self,
         roots: &[StorePath],
         progress: &P,
@@ -632,6 +665,7 @@ impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(stream::CHANNEL_CHUNKS);
         let store = self.store.clone();
         let limits = self.limits.clone();
+        let cores = self.cores.clone();
         let (winfo, wurl) = (info.clone(), url.clone());
         let worker = tokio::task::spawn_blocking(move || {
             stream::unpack_and_verify(
@@ -641,6 +675,7 @@ impl<F: Fetch, S: FreeSpace> Substituter<F, S> {
                 &wurl,
                 stream::ChannelReader::new(rx),
                 &limits,
+                &cores,
             )
         });
         let mut received = 0u64;

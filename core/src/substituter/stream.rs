@@ -2,6 +2,10 @@
 //! SHA-256 and byte count → unpack into the store's staging area → verify → commit.
 //! One pass, no temporary NAR file; the first error (decompression, archive, size) ends the
 //! pass without reading the rest of the stream.
+//!
+//! A NAR of at least [`decode::HANDOVER_MIN_NAR_SIZE`] bytes is decompressed on a second
+//! thread when a core is spare ([`decode`]), so that its decoding overlaps with the hashing
+//! and unpacking of what was decoded before.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -10,8 +14,9 @@ use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use url::Url;
 
+use super::decode;
 use super::error::SubstituteError;
-use crate::nix::hash::HashingReader;
+use crate::nix::hash::{HashingReader, NarHash};
 use crate::nix::nar::{NarError, NarLimits};
 use crate::nix::narinfo::Compression;
 use crate::nix::NarInfo;
@@ -133,29 +138,17 @@ impl<R: Read> Read for EndReader<R> {
     }
 }
 
-/// A decompressing reader for `compression`.
-pub(crate) fn decoder<'a, R: Read + 'a>(
-    compression: Compression,
-    r: R,
-) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match compression {
-        Compression::None => Box::new(r),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
-        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(r)),
-    })
-}
-
 /// Decompresses, hashes, unpacks and verifies the NAR read from `input` into a staging
 /// area, ready to commit. Runs on a blocking thread, under the path's lock. On any error
 /// nothing of the path is left in the store (the staging area is removed).
-pub(crate) fn unpack_and_verify<R: Read>(
+pub(crate) fn unpack_and_verify<R: Read + Send>(
     store: &Store,
     lock: &Arc<PathLock>,
     info: &NarInfo,
     url: &Url,
     input: R,
     limits: &NarLimits,
+    cores: &decode::Cores,
 ) -> Result<(Staging, PathInfo), SubstituteError> {
     let path = lock.path();
     let store_err = |source: StoreError| SubstituteError::Store {
@@ -170,21 +163,32 @@ pub(crate) fn unpack_and_verify<R: Read>(
         source,
     };
     let input = CappedReader::new(input, compressed_limit(info.nar_size));
-    let dec = decoder(info.compression, input).map_err(decompress_err)?;
+    let dec = decode::decoder(info.compression, input).map_err(decompress_err)?;
     // Never read more than NarSize + 1 bytes: a NAR larger than announced is refused
     // without filling the disk first.
-    let mut hashing = HashingReader::new(EndReader::new(dec.take(info.nar_size.saturating_add(1))));
+    let nar = dec.take(info.nar_size.saturating_add(1));
     let mut limits = limits.clone();
     limits.max_total_size = limits.max_total_size.min(info.nar_size);
-    let unpacked = staging.unpack(&mut hashing, &limits);
-    if let Err(e) = unpacked {
-        // Stop at the first error: the rest of the stream is not read (a hostile cache could
-        // otherwise keep the download, and the path's lock, busy up to the signed NarSize).
-        let ended = hashing.get_ref().ended;
-        let (_, size) = hashing.finish();
-        return Err(classify(e, ended, size, info, &decompress_err));
-    }
-    let (got, size) = hashing.finish();
+    let unpack = |nar: &mut dyn Read| -> Result<(NarHash, u64), SubstituteError> {
+        let mut hashing = HashingReader::new(EndReader::new(nar));
+        if let Err(e) = staging.unpack(&mut hashing, &limits) {
+            // Stop at the first error: the rest of the stream is not read (a hostile cache
+            // could otherwise keep the download, and the path's lock, busy up to the signed
+            // NarSize).
+            let ended = hashing.get_ref().ended;
+            let (_, size) = hashing.finish();
+            return Err(classify(e, ended, size, info, &decompress_err));
+        }
+        Ok(hashing.finish())
+    };
+    let handover =
+        info.compression != Compression::None && info.nar_size >= decode::HANDOVER_MIN_NAR_SIZE;
+    let (got, size) = decode::decode_and_unpack(nar, cores, handover, unpack).map_err(|e| {
+        SubstituteError::Task {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    })??;
     if size != info.nar_size {
         return Err(SubstituteError::SizeMismatch {
             path: path.clone(),

@@ -104,6 +104,12 @@ impl Fetch for FakeFetch {
 }
 
 const CACHE1: &str = "http://cache1.test/";
+const EVERY_COMPRESSION: [Compression; 4] = [
+    Compression::None,
+    Compression::Xz,
+    Compression::Zstd,
+    Compression::Bzip2,
+];
 const CACHE2: &str = "http://cache2.test/sub";
 
 fn key() -> SecretKey {
@@ -309,12 +315,7 @@ fn diamond(fake: &FakeFetch, base_url: &str, c: Compression) -> Vec<StorePath> {
 
 #[tokio::test]
 async fn diamond_closure_every_compression_then_warm_without_requests() {
-    for c in [
-        Compression::None,
-        Compression::Xz,
-        Compression::Zstd,
-        Compression::Bzip2,
-    ] {
+    for c in EVERY_COMPRESSION {
         let dir = tempfile::tempdir().unwrap();
         let fake = FakeFetch::default();
         let paths = diamond(&fake, CACHE1, c);
@@ -835,6 +836,28 @@ fn edit_narinfo(fake: &FakeFetch, base: &str, path: &StorePath, edit: impl FnOnc
     fake.put(&url, info.render().into_bytes());
 }
 
+/// Publishes `path` in CACHE1, signed, with the NAR `nar` served as `file` (compressed with
+/// `c`); returns the NAR URL.
+fn publish_nar(
+    fake: &FakeFetch,
+    path: &StorePath,
+    c: Compression,
+    nar: &[u8],
+    file: Vec<u8>,
+) -> String {
+    let nar_url = publish(fake, CACHE1, path, &[], c, Some(&key()));
+    edit_narinfo(fake, CACHE1, path, |i| {
+        i.nar_size = nar.len() as u64;
+        i.nar_hash = NarHash::digest(nar);
+        i.file_size = None;
+        i.file_hash = None;
+        i.sigs.clear();
+        key().sign_narinfo(i);
+    });
+    fake.put(&nar_url, file);
+    nar_url
+}
+
 #[tokio::test]
 async fn percent_encoded_separators_in_a_nar_url_are_refused_before_any_request() {
     for (cache, rel) in [
@@ -914,37 +937,44 @@ async fn a_reference_cycle_is_refused_instead_of_waiting_forever() {
 
 #[tokio::test]
 async fn an_archive_error_in_the_first_bytes_stops_the_download() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeFetch::default();
-    let a = sp("early", 1);
-    let nar_url = publish(&fake, CACHE1, &a, &[], Compression::None, Some(&key()));
-    // The same signed path, but with an 8 MiB NAR whose magic is wrong.
-    let big = NarNode::dir([("blob", NarNode::file(vec![7u8; 8 << 20]))]).to_nar();
+    // An 8 MiB NAR (half of it incompressible) whose magic is wrong, as is and as xz (decoded
+    // on a thread of its own: two cores): the unpacker fails on the first chunk, the decoder
+    // stops at its next send, and the rest of the body is not read.
+    let big = NarNode::dir([("blob", NarNode::file(mixed_bytes(8 << 20, 3)))]).to_nar();
     let mut bad = big.clone();
     bad[8] = b'X';
-    edit_narinfo(&fake, CACHE1, &a, |i| {
-        i.nar_size = big.len() as u64;
-        i.nar_hash = NarHash::digest(&big);
-        i.file_size = None;
-        i.file_hash = None;
-        i.sigs.clear();
-        key().sign_narinfo(i);
-    });
-    fake.put(&nar_url, bad);
-    let sub = substituter(&config(dir.path(), &[CACHE1]), fake);
-    let progress = Counting::default();
-    let e = sub
-        .materialise(std::slice::from_ref(&a), &progress)
-        .await
-        .unwrap_err();
-    assert!(
-        e.to_string().starts_with(&format!("{a}: invalid NAR")),
-        "{e}"
-    );
-    // At most the channel's worth of chunks past the first one, not the signed 8 MiB.
-    let received = progress.bytes.load(Ordering::SeqCst);
-    assert!(received < 1 << 20, "{received} bytes read after the error");
-    assert_eq!(store_entries(dir.path()), Vec::<String>::new());
+    for c in [Compression::None, Compression::Xz] {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let a = sp("early", 1);
+        let file = match c {
+            Compression::Xz => {
+                let mut e = xz2::write::XzEncoder::new(Vec::new(), 0);
+                e.write_all(&bad).unwrap();
+                e.finish().unwrap()
+            }
+            _ => bad.clone(),
+        };
+        let len = file.len();
+        publish_nar(&fake, &a, c, &big, file);
+        let sub = substituter(&config(dir.path(), &[CACHE1]), fake).with_cores(2);
+        let progress = Counting::default();
+        let e = sub
+            .materialise(std::slice::from_ref(&a), &progress)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!("{a}: invalid NAR")),
+            "{c}: {e}"
+        );
+        // At most the channels' worth of chunks past the first one, not the signed 8 MiB.
+        let received = progress.bytes.load(Ordering::SeqCst);
+        assert!(
+            received < 1 << 20,
+            "{c}: {received} of {len} bytes read after the error"
+        );
+        assert_eq!(store_entries(dir.path()), Vec::<String>::new(), "{c}");
+    }
 }
 
 #[tokio::test]
@@ -1054,4 +1084,149 @@ async fn a_nar_size_beyond_the_free_space_fails_before_any_download() {
     sub.materialise(std::slice::from_ref(&a), &NoProgress)
         .await
         .unwrap();
+}
+
+/// `len` bytes, every other 4 KiB block pseudo-random (incompressible), the others text: a
+/// NAR's worth of mixed content that compresses to about half.
+fn mixed_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let block = v.len() / 4096;
+        if block % 2 == 0 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        } else {
+            v.extend_from_slice(format!("line {block}\n").as_bytes());
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+/// A NAR of one 2 MiB executable, several times the decoded channel's bound.
+fn big_nar(seed: u64) -> Vec<u8> {
+    let blob = mixed_bytes(2 << 20, seed);
+    let tree = NarNode::dir([
+        ("bin", NarNode::dir([("big", NarNode::executable(blob))])),
+        ("lib", NarNode::symlink(b"bin".to_vec())),
+    ]);
+    tree.to_nar()
+}
+
+#[tokio::test]
+async fn a_big_nar_decoded_on_its_own_thread_gives_the_same_path() {
+    let nar = big_nar(7);
+    assert!(nar.len() as u64 >= decode::HANDOVER_MIN_NAR_SIZE);
+    assert!(nar.len() > decode::DECODED_CHUNK * (decode::DECODED_CHUNKS + 2));
+    let blob = mixed_bytes(2 << 20, 7);
+    for c in EVERY_COMPRESSION {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFetch::default();
+        let a = sp("big", 1);
+        publish_nar(&fake, &a, c, &nar, compress(c, &nar));
+        // Two cores: this NAR's thread leaves one spare for its decoder, on any machine.
+        let sub = substituter(&config(dir.path(), &[CACHE1]), fake).with_cores(2);
+        let closure = sub
+            .materialise(std::slice::from_ref(&a), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(closure.paths, vec![a.clone()], "{c}");
+        let real = sub.store().real_path(&a);
+        assert!(std::fs::read(real.join("bin/big")).unwrap() == blob, "{c}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(real.join("bin/big"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o555, "{c}");
+        assert_eq!(
+            std::fs::read_link(real.join("lib")).unwrap(),
+            Path::new("bin")
+        );
+        let info = sub.store().query(&a).unwrap().unwrap();
+        assert_eq!(info.nar_hash, NarHash::digest(&nar), "{c}");
+        assert_eq!(
+            store_entries(dir.path()),
+            [
+                format!("meta/{}.json", a.hash_str()),
+                format!("store/{}-{}", a.hash_str(), a.name())
+            ],
+            "{c}"
+        );
+    }
+}
+
+/// Pulls `a`, signed with the NAR `nar` but served as `file`, every attempt ending after
+/// `end_after` bytes if set, with two cores (this NAR's thread leaves one spare for its
+/// decoder, on any machine); returns the error and what the store holds afterwards.
+async fn pull_big_failing(
+    c: Compression,
+    a: &StorePath,
+    nar: &[u8],
+    file: Vec<u8>,
+    end_after: Option<usize>,
+) -> (SubstituteError, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFetch::default();
+    let nar_url = publish_nar(&fake, a, c, nar, file);
+    if let Some(n) = end_after {
+        for _ in 0..3 {
+            fake.misbehave(&nar_url, Misbehave::EndAfter(n));
+        }
+    }
+    let sub = substituter(&config(dir.path(), &[CACHE1]), fake).with_cores(2);
+    let e = sub
+        .materialise(std::slice::from_ref(a), &NoProgress)
+        .await
+        .unwrap_err();
+    (e, store_entries(dir.path()))
+}
+
+#[tokio::test]
+async fn a_big_nar_corrupt_midway_wrong_or_truncated_leaves_nothing() {
+    let nar = big_nar(11);
+    let a = sp("big", 1);
+    for c in [Compression::Xz, Compression::Zstd] {
+        // The compressed stream damaged in its middle: xz's check fails the decoding; zstd
+        // (no content checksum, as Nix writes it) decodes to other bytes, and NarHash fails.
+        let mut file = compress(c, &nar);
+        let mid = file.len() / 2;
+        for b in &mut file[mid..mid + 64] {
+            *b ^= 0x55;
+        }
+        let (e, left) = pull_big_failing(c, &a, &nar, file, None).await;
+        match c {
+            Compression::Xz => assert!(matches!(e, SubstituteError::Decompress { .. }), "{c}: {e}"),
+            _ => assert!(
+                matches!(e, SubstituteError::HashMismatch { .. }),
+                "{c}: {e}"
+            ),
+        }
+        assert_eq!(left, Vec::<String>::new(), "{c}");
+
+        // A well-formed stream of another NAR of the same size: NarHash mismatch.
+        let other = big_nar(12);
+        assert_eq!(other.len(), nar.len());
+        let (e, left) = pull_big_failing(c, &a, &nar, compress(c, &other), None).await;
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{a}: NAR hash mismatch (expected {}, got {})",
+                NarHash::digest(&nar),
+                NarHash::digest(&other)
+            ),
+            "{c}"
+        );
+        assert_eq!(left, Vec::<String>::new(), "{c}");
+
+        // Cut short by the server, cleanly, every attempt: truncated, as for a small NAR.
+        let file = compress(c, &nar);
+        let half = file.len() / 2;
+        let (e, left) = pull_big_failing(c, &a, &nar, file, Some(half)).await;
+        assert_eq!(e.to_string(), format!("{a}: NAR truncated"), "{c}");
+        assert_eq!(left, Vec::<String>::new(), "{c}");
+    }
 }

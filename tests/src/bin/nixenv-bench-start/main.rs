@@ -23,6 +23,10 @@
 //! for every shim to exit. The store is warm: one untimed round first pulls the closures and
 //! checks each variant's answer (message, env, `/nix/store` listing).
 //!
+//! With `CONCURRENT=N` (`bench/start-burst.sh`, issue 16 point 4), N pods of a variant are
+//! started at once instead, each timed from its own CreateContainer call to its own first
+//! answer; see [`burst`].
+//!
 //! Profiling: `NIXENV_BENCH_STRACE=DIR` attaches `strace -f -tt -T` to each pod's shim after
 //! RunPodSandbox (the samples are then slower); `NIXENV_KEEP_CONTAINERD=1` keeps containerd's
 //! log, which holds the shims' logs (`create` / `environment prepared` timestamps).
@@ -38,6 +42,8 @@ use nixenv_testkit::cri::{ContainerSpec, Cri, PodSpec};
 use nixenv_testkit::fixtures::{http_get, store_path_base, EchoReply};
 use nixenv_testkit::images::{self, ImageBuilder};
 use nixenv_testkit::{free_port, shim_bin, Cache, CacheServer, Fixtures, TestNode};
+
+mod burst;
 
 /// The ordinary image holding the echoserver closure.
 const CLOSURE_IMAGE: &str = "docker.io/nixenv/echoserver-closure:bench";
@@ -171,77 +177,92 @@ struct Bench {
     strace: Option<PathBuf>,
 }
 
+/// The pod and container of one sample of `v`: pod `bench-{n}`, the echoserver on `port`.
+fn pod_of(v: &Variant, n: usize, port: u16) -> (PodSpec, ContainerSpec) {
+    let mut pod = PodSpec::new(&format!("bench-{n}")).handler(v.handler);
+    if let Some(e) = &v.environment {
+        pod = pod.annotation("nix.dev/environment", e);
+    }
+    let mut spec = ContainerSpec::new("echoserver", v.image)
+        .command(&["echoserver"])
+        .env("PORT", &port.to_string());
+    for (k, val) in &v.env {
+        spec = spec.env(k, val);
+    }
+    (pod, spec)
+}
+
+/// The timed part of a sample: CreateContainer, StartContainer, then `GET /` on `port` until
+/// the first HTTP 200, timed from the CreateContainer call; `sandbox` is left at zero.
+async fn create_start_answer(
+    cri: &mut Cri,
+    label: &str,
+    pod_id: &str,
+    (pod, spec): &(PodSpec, ContainerSpec),
+    port: u16,
+) -> anyhow::Result<(Sample, EchoReply)> {
+    let t1 = Instant::now();
+    let id = cri
+        .create_container(pod_id, pod, spec)
+        .await
+        .map_err(|e| anyhow::anyhow!("{label}: CreateContainer: {}", e.message()))?;
+    let t2 = Instant::now();
+    cri.start_container(&id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{label}: StartContainer: {}", e.message()))?;
+    let t3 = Instant::now();
+    let addr = format!("127.0.0.1:{port}");
+    let body = tokio::task::spawn_blocking(move || wait_answer(&addr, ANSWER_TIMEOUT)).await??;
+    let t4 = Instant::now();
+    let s = Sample {
+        sandbox: Duration::ZERO,
+        create: t2 - t1,
+        start: t3 - t2,
+        answer: t4 - t3,
+    };
+    let reply: EchoReply =
+        serde_json::from_str(&body).with_context(|| format!("{label}: bad answer {body}"))?;
+    Ok((s, reply))
+}
+
 impl Bench {
     /// Runs one pod of `v`; returns its timings and the echoserver's answer.
     async fn sample(&mut self, v: &Variant) -> anyhow::Result<(Sample, EchoReply)> {
         self.round += 1;
         let port = free_port();
-        let mut pod = PodSpec::new(&format!("bench-{}", self.round)).handler(v.handler);
-        if let Some(e) = &v.environment {
-            pod = pod.annotation("nix.dev/environment", e);
-        }
-        let mut spec = ContainerSpec::new("echoserver", v.image)
-            .command(&["echoserver"])
-            .env("PORT", &port.to_string());
-        for (k, val) in &v.env {
-            spec = spec.env(k, val);
-        }
-        let mut s = Sample::default();
+        let pod = pod_of(v, self.round, port);
         let t0 = Instant::now();
         let pod_id = self
             .cri
-            .run_pod(&pod)
+            .run_pod(&pod.0)
             .await
             .map_err(|e| anyhow::anyhow!("{}: RunPodSandbox: {}", v.label, e.message()))?;
-        let mut t1 = Instant::now();
-        s.sandbox = t1 - t0;
+        let sandbox = t0.elapsed();
         let tracer = self.attach_strace(v)?;
         if tracer.is_some() {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            t1 = Instant::now();
         }
-        let result = async {
-            let id = self
-                .cri
-                .create_container(&pod_id, &pod, &spec)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: CreateContainer: {}", v.label, e.message()))?;
-            let t2 = Instant::now();
-            self.cri
-                .start_container(&id)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: StartContainer: {}", v.label, e.message()))?;
-            let t3 = Instant::now();
-            let addr = format!("127.0.0.1:{port}");
-            let body =
-                tokio::task::spawn_blocking(move || wait_answer(&addr, ANSWER_TIMEOUT)).await??;
-            let t4 = Instant::now();
-            s.create = t2 - t1;
-            s.start = t3 - t2;
-            s.answer = t4 - t3;
-            let reply: EchoReply = serde_json::from_str(&body)
-                .with_context(|| format!("{}: bad answer {body}", v.label))?;
-            Ok::<_, anyhow::Error>(reply)
-        }
-        .await;
+        let result = create_start_answer(&mut self.cri, v.label, &pod_id, &pod, port).await;
         let removed = self.cri.delete_pod(&pod_id).await;
         if let Some(mut t) = tracer {
             let _ = tokio::task::spawn_blocking(move || t.wait()).await;
         }
-        let reply = result.inspect_err(|_| self.print_log_tail())?;
+        let (s, reply) = result.inspect_err(|_| self.print_log_tail())?;
         removed.map_err(|e| anyhow::anyhow!("{}: delete pod: {}", v.label, e.message()))?;
-        // Let the pod's shim and runc teardown finish before the next sample.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_shims_gone(v.label, Duration::from_secs(20))
+            .await?;
+        Ok((Sample { sandbox, ..s }, reply))
+    }
+
+    /// Lets the pods' shims and runc teardown finish before the next sample.
+    async fn wait_shims_gone(&self, label: &str, patience: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + patience;
         while !self.containerd.shim_pids().is_empty() {
-            ensure!(
-                Instant::now() < deadline,
-                "{}: shims still running",
-                v.label
-            );
+            ensure!(Instant::now() < deadline, "{label}: shims still running");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok((s, reply))
+        Ok(())
     }
 
     /// With `NIXENV_BENCH_STRACE`, attaches strace to the pod's shim (there is one shim
@@ -327,8 +348,13 @@ async fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("nixenv-bench-start starts containerd and runc: run it as root");
     }
-    let runs: usize = env_or("RUNS", 20)?;
+    let concurrent: usize = env_or("CONCURRENT", 0)?;
+    let runs: usize = env_or("RUNS", if concurrent > 0 { 5 } else { 20 })?;
     ensure!(runs > 0, "RUNS must be at least 1");
+    ensure!(
+        concurrent == 0 || std::env::var_os("NIXENV_BENCH_STRACE").is_none(),
+        "NIXENV_BENCH_STRACE traces one pod at a time: unset it or CONCURRENT"
+    );
     let log_level: String = env_or("NIXENV_BENCH_LOG_LEVEL", "info".to_owned())?;
     let big_root = std::env::var("NIXENV_BENCH_BIG_ROOT")
         .ok()
@@ -473,15 +499,11 @@ async fn main() -> anyhow::Result<()> {
     }
     compare_env(&warm[0], &warm[1]);
 
+    if concurrent > 0 {
+        return burst::run(&mut bench, &variants, concurrent, runs).await;
+    }
     let load_before = uptime();
-    eprintln!(
-        "== {runs} rounds of {} ({load_before})",
-        variants
-            .iter()
-            .map(|v| v.label)
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("== {runs} rounds of {} ({load_before})", labels(&variants));
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
     for r in 0..runs {
         for (i, v) in variants.iter().enumerate() {
@@ -494,20 +516,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let load_after = uptime();
 
-    println!();
-    println!(
-        "containerd {}; {}; {} cores; {} before, {} after",
-        tool_version("containerd", "--version")
-            .split_whitespace()
-            .nth(2)
-            .unwrap_or("?"),
-        tool_version("runc", "--version"),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        load_before,
-        load_after
-    );
+    print_machine(&load_before, &load_after);
     println!("{runs} rounds, variants alternated within each round; ms, median (p90, min)");
     println!();
     println!("| variant | closure paths | RunPodSandbox | CreateContainer | StartContainer | start→answer | **Create+Start→answer** | RunPodSandbox+Create+Start→answer |");
@@ -545,6 +554,28 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `A nixenv, B runc, …`.
+fn labels(variants: &[Variant]) -> String {
+    let labels: Vec<&str> = variants.iter().map(|v| v.label).collect();
+    labels.join(", ")
+}
+
+/// The first line of the results: versions, cores, load averages.
+fn print_machine(load_before: &str, load_after: &str) {
+    println!();
+    println!(
+        "containerd {}; {}; {} cores; {load_before} before, {load_after} after",
+        tool_version("containerd", "--version")
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("?"),
+        tool_version("runc", "--version"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+    );
 }
 
 /// The warm-up answer: the lock's message and exactly the closure under `/nix/store`.
