@@ -134,6 +134,9 @@ struct Shared {
     mounts: Vec<(String, PathBuf)>,
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<Logged>>,
+    /// The path of every request as it arrived, before any [`Fault::Delay`]: the log above
+    /// records a request only once it is answered.
+    arrivals: Mutex<Vec<String>>,
 }
 
 /// A running test HTTP server; stops on drop.
@@ -320,9 +323,18 @@ impl CacheServer {
         *self.shared.auth.lock().unwrap() = AuthRule::Refuse;
     }
 
+    /// How many requests with a path matching the glob `pattern` have arrived, answered or
+    /// not: unlike [`CacheServer::requests_matching`], a request held by a [`Fault::Delay`]
+    /// counts from its arrival, so a test can act while the client waits for it.
+    pub fn requests_arrived(&self, pattern: &str) -> usize {
+        let arrivals = self.shared.arrivals.lock().unwrap();
+        arrivals.iter().filter(|p| glob_match(pattern, p)).count()
+    }
+
     /// Forgets the request log (counts start again from zero).
     pub fn reset_counts(&self) {
         self.shared.log.lock().unwrap().clear();
+        self.shared.arrivals.lock().unwrap().clear();
     }
 
     /// How many requests (any method, any outcome) had exactly this path.
@@ -417,6 +429,7 @@ fn take_faults(shared: &Shared, path: &str) -> (Duration, Option<Fault>) {
 
 async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    shared.arrivals.lock().unwrap().push(path.clone());
     let (delay, fault) = take_faults(shared, &path);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

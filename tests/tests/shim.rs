@@ -937,14 +937,16 @@ async fn a_pod_removed_while_its_closure_downloads_leaves_nothing_behind() {
         mut cri,
         pod_id,
         id,
-    } = slow_pod("removed", Duration::from_secs(2)).await;
+    } = slow_pod("removed", Duration::from_secs(5)).await;
     let start = tokio::spawn({
         let mut cri = cri.clone();
         async move { cri.start_container(&id).await }
     });
-    // The closure is downloading (the shim asked for a NAR) when the pod is removed.
+    // The closure is downloading (the shim asked for a NAR, which the server holds for 5 s)
+    // when the pod is removed. The request counts on arrival: one counted once answered would
+    // leave the test no time before the closure is installed and the container started.
     wait_for("a NAR download to begin", Duration::from_secs(20), || {
-        env.caches.requests_matching("/nar/*") > 0
+        env.caches.requests_arrived("/nar/*") > 0
     })
     .await;
     assert!(!start.is_finished(), "the start waits for the download");

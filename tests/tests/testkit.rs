@@ -203,6 +203,33 @@ fn raw_get(addr: &str, path: &str) -> (u16, usize, Vec<u8>) {
     (status, len, buf[end..].to_vec())
 }
 
+/// A request held by a delay counts as arrived at once and as answered only after its delay.
+#[test]
+fn a_delayed_request_counts_as_arrived_before_it_is_answered() {
+    let dir = served_dir();
+    let server = CacheServer::serve(dir.path());
+    let addr = server.addr().to_string();
+    server.inject("/nar/*", Fault::Delay(Duration::from_millis(1500)));
+    let t = Instant::now();
+    let get = std::thread::spawn(move || raw_get(&addr, "/nar/big.nar").0);
+    while server.requests_arrived("/nar/*") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the request arrives");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "counted on arrival, not after the delay ({:?})",
+        t.elapsed()
+    );
+    assert_eq!(server.requests_matching("/nar/*"), 0, "not answered yet");
+    assert_eq!(get.join().unwrap(), 200);
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(server.requests_matching("/nar/*"), 1);
+    assert_eq!(server.requests_arrived("/nar/*"), 1);
+    server.reset_counts();
+    assert_eq!(server.requests_arrived("/nar/*"), 0);
+}
+
 #[test]
 fn server_serves_counts_and_injects_faults() {
     let dir = served_dir();
