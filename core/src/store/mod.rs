@@ -23,25 +23,29 @@
 //! 1. remove leftovers: `store/.tmp-<hash>`, and a `store/<hash>-<name>` whose record is
 //!    missing or unreadable;
 //! 2. unpack (and verify, by the caller) into `store/.tmp-<hash>` — same directory, so same
-//!    file system — then make the tree durable: by default ([`Durability::Syncfs`]) one
+//!    file system;
+//! 3. write the record: `meta/<hash>.json.tmp`, renamed to `meta/<hash>.json`;
+//! 4. make the tree and the record durable: by default ([`Durability::Syncfs`]) one
 //!    `syncfs(2)` of the store's file system, which writes back every file, directory and
-//!    inode of the tree at once (a NAR of a million entries costs one flush, not a million);
-//!    with [`Durability::Fsync`], every file and directory is fsynced as it is closed;
-//! 3. write the record: `meta/<hash>.json.tmp`, fsync, rename to `meta/<hash>.json`;
-//! 4. **commit**: `renameat2(RENAME_NOREPLACE)` of `.tmp-<hash>` to `<hash>-<name>`;
-//! 5. fsync `store/` and `meta/`.
+//!    inode at once (a NAR of a million entries costs one flush, not a million), shared by
+//!    the commits that run at the same time (`flush`: group commit, so a closure of many
+//!    small paths does not pay a flush per path); with [`Durability::Fsync`], every file and
+//!    directory is fsynced as the unpacker closes it and the record before its rename;
+//! 5. **commit**: `renameat2(RENAME_NOREPLACE)` of `.tmp-<hash>` to `<hash>-<name>`;
+//! 6. make the rename durable: the next shared `syncfs` (with `Fsync`: fsync `store/` and
+//!    `meta/`).
 //!
 //! The rename is the commit point: a record is durable before the path it describes can
 //! appear, so every entry of `store/` has a record, and readers (spec rewrite, bind mounts)
-//! that only look at `store/<hash>-<name>` never see a partial tree. A crash before step 4
+//! that only look at `store/<hash>-<name>` never see a partial tree. A crash before step 5
 //! leaves a `.tmp-<hash>` (removed by the next install of that path, and by the next pull
 //! that downloads anything: [`Store::remove_stale_staging`]) and maybe a record
-//! without a path (not valid; overwritten by the next install). If the kernel loses the
-//! directory entries of step 3 but keeps the rename of step 4, the path has no record and
-//! the next install removes and refetches it. Contents are durable before the rename because
-//! of step 2, so a valid path is never a tree of empty files after a power loss. (`syncfs`
-//! reports write-back errors only since Linux 5.8; on older kernels a failing disk can go
-//! unnoticed by `syncfs` as it does by other writers of that file system.)
+//! without a path (not valid; overwritten by the next install). A crash after step 5 but
+//! before step 6 may lose the rename (the path is then missing and fetched again), never
+//! the record or the contents, which step 4 made durable first, so a valid path is never a
+//! tree of empty files after a power loss. (`syncfs` reports write-back errors only since
+//! Linux 5.8; on older kernels a failing disk can go unnoticed by `syncfs` as it does by
+//! other writers of that file system.)
 //!
 //! Removal ([`Store::delete`], for gc) runs in the opposite order: rename the path to
 //! `.tmp-<hash>` (it disappears atomically), remove the record, then remove the tree.
@@ -53,6 +57,7 @@
 //! each other too. Callers take the lock, re-check validity (someone else may have installed
 //! the path meanwhile), and only then download.
 
+mod flush;
 pub mod remove;
 pub mod space;
 pub mod unpack;
@@ -133,9 +138,10 @@ pub enum Durability {
     /// fsync every file and directory as the unpacker closes it: one flush per entry, minutes
     /// for a NAR of a million small files.
     Fsync,
-    /// One `syncfs(2)` of the store's file system before the commit rename (the default): the
-    /// whole tree in one flush, bounded by the disk's throughput. It also writes back other
-    /// dirty data of that file system.
+    /// A `syncfs(2)` of the store's file system before the commit rename and one after (the
+    /// default): the whole tree and its record in one flush, bounded by the disk's
+    /// throughput, each flush shared by the commits running at the same time. It also writes
+    /// back other dirty data of that file system.
     #[default]
     Syncfs,
     /// No fsync (tests, benchmarks of the rest; not crash safe).
@@ -187,6 +193,8 @@ pub struct Store {
     meta_dir: PathBuf,
     locks_dir: PathBuf,
     durability: Durability,
+    /// The store file system's `syncfs`, shared by the commits of this process.
+    flusher: Arc<flush::Flusher>,
 }
 
 /// An exclusive lock on one store path (released on drop).
@@ -248,6 +256,7 @@ impl Store {
             meta_dir: state_dir.join("meta"),
             locks_dir: state_dir.join("locks"),
             durability: Durability::default(),
+            flusher: Arc::new(flush::Flusher::new(&state_dir.join("store"))),
         };
         for d in [&store.store_dir, &store.meta_dir, &store.locks_dir] {
             mkdir_0755(d)?;
@@ -490,7 +499,9 @@ impl Store {
         Ok(out)
     }
 
-    fn write_record(&self, info: &PathInfo) -> Result<(), StoreError> {
+    /// Writes the path's record (temp file, rename); with `fsync`, the temp file is fsynced
+    /// before the rename (otherwise the caller's `syncfs` makes it durable).
+    fn write_record(&self, info: &PathInfo, fsync: bool) -> Result<(), StoreError> {
         let mut references = info.references.clone();
         references.sort();
         references.dedup();
@@ -507,7 +518,9 @@ impl Store {
         let tmp = file.with_extension("json.tmp");
         let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
         f.write_all(&data).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        if fsync {
+            f.sync_all().map_err(io_err("fsync", &tmp))?;
+        }
         drop(f);
         std::fs::rename(&tmp, &file).map_err(io_err("rename", &tmp))
     }
@@ -541,8 +554,8 @@ impl Staging {
         unpack::unpack_with(nar, &self.tmp, limits, &opts)
     }
 
-    /// Makes the verified path visible: record, then the commit rename, then fsync of the
-    /// parent directories. `info.path` must be the locked path.
+    /// Makes the verified path visible: record, flush, the commit rename, flush (steps 3–6
+    /// of the module's protocol). `info.path` must be the locked path.
     pub fn commit(mut self, info: &PathInfo) -> Result<(), StoreError> {
         let path = self.lock.path().clone();
         debug_assert_eq!(info.path, path);
@@ -553,15 +566,26 @@ impl Staging {
             });
         }
         let store = &self.store;
-        if store.durability == Durability::Syncfs {
-            let f = File::open(&store.store_dir).map_err(io_err("open", &store.store_dir))?;
-            nix::unistd::syncfs(&f).map_err(|e| io_err("syncfs", &store.store_dir)(e.into()))?;
-        }
         let mut info = info.clone();
         if info.registration_time == 0 {
             info.registration_time = now();
         }
-        store.write_record(&info)?;
+        let flush = || {
+            store
+                .flusher
+                .flush()
+                .map_err(|e| io_err("syncfs", &store.store_dir)(e.into()))
+        };
+        match store.durability {
+            Durability::Syncfs => {
+                // One syncfs (shared with the commits running beside this one) makes the
+                // tree and its record durable before the rename.
+                store.write_record(&info, false)?;
+                flush()?;
+            }
+            Durability::Fsync => store.write_record(&info, true)?,
+            Durability::None => store.write_record(&info, false)?,
+        }
         let real = store.real_path(&path);
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
@@ -572,9 +596,14 @@ impl Staging {
         )
         .map_err(|e| io_err("rename into place", &real)(e.into()))?;
         self.committed = true;
-        if self.store.durability != Durability::None {
-            fsync_dir(&self.store.store_dir)?;
-            fsync_dir(&self.store.meta_dir)?;
+        match store.durability {
+            // The rename, durable by the next shared syncfs.
+            Durability::Syncfs => flush()?,
+            Durability::Fsync => {
+                fsync_dir(&store.store_dir)?;
+                fsync_dir(&store.meta_dir)?;
+            }
+            Durability::None => {}
         }
         Ok(())
     }

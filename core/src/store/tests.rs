@@ -145,7 +145,9 @@ fn leftovers_are_cleaned_by_the_next_install() {
     assert_eq!(store.local_closure(std::slice::from_ref(&p)).unwrap(), None);
     // A record without its path is not valid either.
     let q = sp("recordonly", 10);
-    store.write_record(&info_for(&q, &nar, vec![])).unwrap();
+    store
+        .write_record(&info_for(&q, &nar, vec![]), true)
+        .unwrap();
     assert!(!store.is_valid(&q).unwrap());
 
     install(&store, &p, &nar, vec![]);
@@ -265,7 +267,7 @@ fn count_tree(path: &Path) -> (u64, u64, u64) {
 
 #[test]
 fn durability_is_batched_by_default() {
-    // One syncfs per path, not one fsync per entry.
+    // syncfs per commit (shared by concurrent commits), not one fsync per entry.
     assert_eq!(Durability::default(), Durability::Syncfs);
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(

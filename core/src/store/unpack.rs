@@ -25,6 +25,8 @@ use nix::unistd::{fsync, symlinkat};
 
 use crate::nix::nar::{self, NarError, NarLimits, NarPath, NarVisitor};
 
+/// The largest buffer a file's contents are copied through.
+const COPY_BUFFER: usize = 256 * 1024;
 /// Options for [`unpack_with`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnpackOptions {
@@ -69,6 +71,7 @@ struct Unpacker<'a> {
     dirs: Vec<OwnedFd>,
     opts: &'a UnpackOptions,
     stats: UnpackStats,
+    /// The file copy buffer (at most [`COPY_BUFFER`] bytes).
     buf: Vec<u8>,
 }
 
@@ -150,8 +153,15 @@ impl NarVisitor for Unpacker<'_> {
         )
         .map_err(|e| self.io_err("create file", path, e))?;
         let mut file = File::from(fd);
+        // The copy buffer grows to the largest file seen, up to 256 KiB: a NAR of small files
+        // (most store paths) never allocates and zeroes the full 256 KiB.
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(256 * 1024, 0);
+        let want = usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .clamp(1, COPY_BUFFER);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         let mut written = 0u64;
         let res = loop {
             let n = match contents.read(&mut buf) {
