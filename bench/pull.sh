@@ -5,7 +5,8 @@
 #   bench/pull.sh [WORKDIR]        (default WORKDIR: /var/tmp/nixenv-bench)
 #
 # Environment: RUNS (cold runs per tool and compression, default 3), COMPRESSIONS (default
-# "xz zstd"), N (big closure paths,
+# "xz zstd"), TMPFS=1 (both tools' stores on a tmpfs: no disk in the measurement), N (big
+# closure paths,
 # default 240), TOTAL_MB (real binary content, default 320), NIXENV / SERVER / BENCH_DECODE
 # (binaries; default: release builds in the workspace target dir, built if missing).
 #
@@ -18,9 +19,10 @@
 #    with the same substituter and key. Prints medians and the ratio Nix/nixenv.
 #    Then the limits of the machine for the same NARs (nixenv-bench-decode, one thread, the
 #    decoder nixenv uses): the CPU time of decoding every NAR of the big closure divided by
-#    the cores (the decode limit), the same for decode + SHA-256 + unpack (the work limit),
-#    and the longest single NAR's decode; prints nixenv/limit for both, and nixenv's own CPU
-#    time against the decode CPU time (what the machine's load does not change).
+#    the cores (the decode limit), the same for loopback transfer + decode + SHA-256 +
+#    unpack (the work limit), and the longest single NAR's decode; prints nixenv/limit for
+#    both, and nixenv's own CPU time against the work's (what the machine's load does not
+#    change).
 # 4. Peak RSS of one cold `nixenv pull` (/usr/bin/time -v).
 # 5. Warm: `nixenv pull` of the 1,000-path closure already present (hyperfine, or a loop).
 set -eu
@@ -111,6 +113,7 @@ done
 pids=""
 cleanup() {
     for p in $pids; do kill "$p" 2>/dev/null || true; done
+    if [ "${tmpfs_mounted:-0}" = 1 ]; then umount "$work/run" || true; fi
     rm -rf "$work/run"
 }
 trap cleanup EXIT INT TERM
@@ -118,6 +121,7 @@ serve() { # DIR NAME: serve DIR in the background, set url_NAME
     rm -f "$work/url-$2"
     "$SERVER" "$1" >"$work/url-$2" &
     pids="$pids $!"
+    eval "pid_$2=\$!"
     i=0
     while [ ! -s "$work/url-$2" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
     eval "url_$2=\$(cat \"\$work/url-$2\")"
@@ -125,6 +129,10 @@ serve() { # DIR NAME: serve DIR in the background, set url_NAME
 for c in $COMPRESSIONS; do serve "$work/cache-$c" "$c"; done
 
 mkdir -p "$work/run"
+if [ "${TMPFS:-0}" = 1 ]; then
+    mount -t tmpfs -o size=4g nixenv-bench "$work/run"
+    tmpfs_mounted=1
+fi
 config() { # config STATE_DIR URL
     printf 'state-dir = "%s"\nsubstituters = ["%s"]\ntrusted-public-keys = ["%s"]\n' \
         "$1" "$2" "$key_pub" >"$work/run/config.toml"
@@ -133,14 +141,19 @@ config() { # config STATE_DIR URL
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/run/state" "$work/run/nixstore"; sync; }
 
-run_nixenv() { # URL ROOT -> seconds; appends its CPU time (user + system) to run/cpu-nixenv
+# CPU time (user + system, seconds) of process PID so far.
+proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
+run_nixenv() { # URL ROOT SERVER_PID -> seconds; appends its CPU time (user + system) to
+    # run/cpu-nixenv and the cache server's CPU time during the pull to run/cpu-server
     fresh
     cfg=$(config "$work/run/state" "$1")
+    s0=$(proc_cpu "$3")
     t0=$(now)
     NIXENV_CONFIG=$cfg /usr/bin/time -o "$work/run/cpu.txt" -f '%U + %S' "$NIXENV" pull "$2" \
         >/dev/null 2>"$work/run/nixenv.err" || { cat "$work/run/nixenv.err" >&2; exit 1; }
     echo "$(now) - $t0" | bc
     tail -1 "$work/run/cpu.txt" | bc >>"$work/run/cpu-nixenv"
+    echo "$(proc_cpu "$3") - $s0" | bc >>"$work/run/cpu-server"
 }
 run_nix() { # URL ROOT -> seconds
     fresh
@@ -164,40 +177,52 @@ echo
 printf '%-6s %-12s %-12s %-8s\n' cache "nixenv (s)" "nix (s)" "nix/nixenv"
 for c in $COMPRESSIONS; do
     eval "url=\$url_$c"
-    rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv"
+    rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv" "$work/run/cpu-server"
+    eval "server_pid=\$pid_$c"
     i=0
     while [ $i -lt "$RUNS" ]; do
         run_nix "$url" "$big" >>"$work/run/t-nix"
-        run_nixenv "$url" "$big" >>"$work/run/t-nixenv"
+        run_nixenv "$url" "$big" "$server_pid" >>"$work/run/t-nixenv"
         i=$((i + 1))
     done
     a=$(median <"$work/run/t-nixenv")
     b=$(median <"$work/run/t-nix")
     eval "median_$c=\$a"
     eval "cpu_$c=\$(median <\"\$work/run/cpu-nixenv\")"
+    eval "scpu_$c=\$(median <\"\$work/run/cpu-server\")"
     printf '%-6s %-12.2f %-12.2f %-8.2f   (runs: nixenv %s; nix %s)\n' "$c" "$a" "$b" \
         "$(echo "$b / $a" | bc -l)" "$(tr '\n' ' ' <"$work/run/t-nixenv")" "$(tr '\n' ' ' <"$work/run/t-nix")"
 done
 
-# The limits: the work of the pull on one thread, spread over the cores (network and the
-# store's bookkeeping excluded), and the one NAR that cannot be split. nixenv's own CPU time
-# (median over the runs) says how far it is from the limit on a machine it has to itself;
-# its wall time also pays for whatever else the machine runs.
+# The limits: the work of the pull on one thread, part by part, spread over the cores, and
+# the one NAR that cannot be split. The decode limit is decoding alone (what bounds an xz
+# pull); the work limit adds sending and receiving the compressed bytes over loopback, SHA-256
+# of the NAR and unpacking it into the same file system as the pull's store (what bounds a
+# zstd pull). HTTP, the store's bookkeeping and its durability are nixenv's own cost, not
+# the limit's. With TMPFS=1 the store and the unpacking are on tmpfs, where all of the
+# unpacking's CPU time is on the thread that writes; on a disk the writeback is not counted.
+# nixenv's own CPU time (median over the runs) says how far it is from the limit on a machine
+# it has to itself; its wall time also pays for whatever else the machine runs, the cache
+# server first: "+server" is the server's CPU time during the pull (median), and "busy" the
+# share of both cores the two kept busy over nixenv's wall time.
 echo
-echo "limits ($cores cores): CPU time of one thread decoding (and hashing and unpacking) the same NARs"
-printf '%-6s %-9s %-9s %-8s %-10s %-9s %-8s %-11s %-9s\n' cache "decode" "d-limit" \
-    "wall/dl" "+hash+unp" "w-limit" "wall/wl" "nixenv CPU" "CPU/dcpu"
+echo "limits ($cores cores): CPU time (s) of one thread doing the pull's work on the same NARs, part by part"
+printf '%-6s %-8s %-8s %-8s %-8s %-8s %-9s %-8s %-9s %-8s %-11s %-9s %-8s %-6s\n' cache \
+    loopback decode hash unpack d-limit "wall/dl" w-limit "wall/wl" "longest" "nixenv CPU" \
+    "CPU/work" "+server" "busy"
+mkdir -p "$work/run/limit"
 for c in $COMPRESSIONS; do
-    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$c" >"$work/run/limit-$c"
-    dcpu=$(sed -n 's/^decode_cpu_s=//p' "$work/run/limit-$c")
-    wcpu=$(sed -n 's/^decode_hash_unpack_cpu_s=//p' "$work/run/limit-$c")
-    longest=$(sed -n 's/^longest_decode_s=//p' "$work/run/limit-$c")
+    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$c" "$work/run/limit" >"$work/run/limit-$c"
+    val() { sed -n "s/^$1=//p" "$work/run/limit-$c"; }
+    dcpu=$(val decode_cpu_s) wcpu=$(val work_cpu_s)
     dlim=$(echo "$dcpu / $cores" | bc -l)
     wlim=$(echo "$wcpu / $cores" | bc -l)
-    eval "a=\$median_$c cpu=\$cpu_$c"
-    printf '%-6s %-9.2f %-9.2f %-8.2f %-10.2f %-9.2f %-8.2f %-11.2f %-9.2f (longest NAR decode %.2f s)\n' \
-        "$c" "$dcpu" "$dlim" "$(echo "$a / $dlim" | bc -l)" "$wcpu" "$wlim" \
-        "$(echo "$a / $wlim" | bc -l)" "$cpu" "$(echo "$cpu / $dcpu" | bc -l)" "$longest"
+    eval "a=\$median_$c cpu=\$cpu_$c scpu=\$scpu_$c"
+    printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f\n' \
+        "$c" "$(val loopback_cpu_s)" "$dcpu" "$(val hash_cpu_s)" "$(val unpack_cpu_s)" \
+        "$dlim" "$(echo "$a / $dlim" | bc -l)" "$wlim" "$(echo "$a / $wlim" | bc -l)" \
+        "$(val longest_decode_s)" "$cpu" "$(echo "$cpu / $wcpu" | bc -l)" "$scpu" \
+        "$(echo "($cpu + $scpu) / $cores / $a" | bc -l)"
 done
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 

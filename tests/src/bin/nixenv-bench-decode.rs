@@ -1,23 +1,30 @@
-//! `nixenv-bench-decode CACHE_DIR < STORE_PATHS`: the CPU cost of a pull's work without the
-//! pull, for `bench/pull.sh`. For each store path on standard input (absolute, one a line)
-//! it reads `CACHE_DIR/<hash>.narinfo` and its NAR file into memory, then, on this one
-//! thread and one NAR after the other:
+//! `nixenv-bench-decode CACHE_DIR [UNPACK_DIR] < STORE_PATHS`: the CPU cost of a pull's work
+//! without the pull, for `bench/pull.sh`. For each store path on standard input (absolute,
+//! one a line) it reads `CACHE_DIR/<hash>.narinfo` and its NAR file into memory, then
+//! measures, one part of the work at a time and one NAR after the other:
 //!
-//! 1. decodes it with the decoder nixenv pulls with
+//! 1. **loopback**: every compressed NAR sent over one TCP connection on 127.0.0.1, as a
+//!    cache on the same machine sends it (the CPU time of the sending and the receiving
+//!    thread: the kernel's copies, no HTTP);
+//! 2. **decode**: decoding it with the decoder nixenv pulls with
 //!    (`nixenv_core::substituter::decode::decoder`) into nothing;
-//! 2. decodes, hashes (SHA-256, checked against the narinfo's NarHash) and unpacks it into a
-//!    temporary directory (`nixenv_core::store::unpack::unpack`), as a pull does minus the
-//!    network, the store's lock and record, and the commit.
+//! 3. **hash**: SHA-256 of the decoded NAR (checked against the narinfo's NarHash);
+//! 4. **unpack**: unpacking the decoded NAR from memory into a new directory under
+//!    `UNPACK_DIR` (default: the system's temporary directory) with the store's unpacker
+//!    (`nixenv_core::store::unpack::unpack`). On a disk file system part of that cost is
+//!    the kernel's writeback, on other threads and not counted here; on tmpfs it is all
+//!    on this thread.
 //!
-//! The CPU time of each step (user + system, `getrusage(RUSAGE_THREAD)`, reading the file
-//! not counted) is printed as `key=value` lines: totals over all NARs, and the longest single
-//! NAR's decode, which no parallelism across NARs can shorten.
+//! The CPU time of each part (user + system, `getrusage(RUSAGE_THREAD)`; reading the files
+//! and removing what was unpacked not counted) is printed as `key=value` lines, with the
+//! longest single NAR's decode, which no parallelism across NARs can shorten.
 
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use nixenv_core::nix::hash::HashingReader;
+use nixenv_core::nix::hash::NarHash;
 use nixenv_core::nix::nar::NarLimits;
 use nixenv_core::nix::{NarInfo, StorePath};
 use nixenv_core::store::unpack::unpack;
@@ -62,25 +69,51 @@ fn decode(nar: &Nar) -> anyhow::Result<u64> {
     }
 }
 
-/// Decodes, hashes and unpacks `nar` at `target`; checks NarHash and NarSize.
-fn decode_hash_unpack(nar: &Nar, target: &Path) -> anyhow::Result<()> {
-    let mut hashing = HashingReader::new(decoder(nar.info.compression, &nar.file[..])?);
-    unpack(&mut hashing, target, &NarLimits::default())?;
-    // The rest of the stream (none, for a well-formed NAR) is hashed too.
-    io::copy(&mut hashing, &mut io::sink())?;
-    let (hash, size) = hashing.finish();
-    if hash != nar.info.nar_hash || size != nar.info.nar_size {
-        bail!("{}: NarHash or NarSize mismatch", nar.info.store_path);
-    }
-    Ok(())
+/// Sends every NAR file over one TCP connection on 127.0.0.1 and reads it on another
+/// thread in 64 KiB reads; returns the CPU time of both threads.
+fn loopback(nars: &[Nar]) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let total: u64 = nars.iter().map(|n| n.file.len() as u64).sum();
+    std::thread::scope(|s| {
+        let sender = s.spawn(move || -> io::Result<f64> {
+            let mut conn = TcpStream::connect(addr)?;
+            let t0 = thread_cpu();
+            for nar in nars {
+                conn.write_all(&nar.file)?;
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            Ok(thread_cpu() - t0)
+        });
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 64 << 10];
+        let t0 = thread_cpu();
+        let mut got = 0u64;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => break,
+                k => got += k as u64,
+            }
+        }
+        let received = thread_cpu() - t0;
+        let sent = sender.join().expect("the sending thread panicked")?;
+        if got != total {
+            bail!("loopback: received {got} of {total} bytes");
+        }
+        Ok(sent + received)
+    })
 }
 
 fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
     let cache = PathBuf::from(
-        std::env::args()
-            .nth(1)
-            .context("usage: nixenv-bench-decode CACHE_DIR < STORE_PATHS")?,
+        args.next()
+            .context("usage: nixenv-bench-decode CACHE_DIR [UNPACK_DIR] < STORE_PATHS")?,
     );
+    let unpack_dir = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let mut nars = Vec::new();
     for line in io::stdin().lock().lines() {
         let line = line?;
@@ -94,6 +127,8 @@ fn main() -> anyhow::Result<()> {
     if nars.is_empty() {
         bail!("no store path on standard input");
     }
+
+    let loopback_total = loopback(&nars)?;
 
     let (mut decode_total, mut longest) = (0.0f64, 0.0f64);
     let (mut nar_bytes, mut file_bytes) = (0u64, 0u64);
@@ -114,21 +149,36 @@ fn main() -> anyhow::Result<()> {
         file_bytes += nar.file.len() as u64;
     }
 
-    let tmp = tempfile::tempdir()?;
-    let mut full_total = 0.0f64;
+    let tmp = tempfile::tempdir_in(&unpack_dir)
+        .with_context(|| format!("a directory in {}", unpack_dir.display()))?;
+    let (mut hash_total, mut unpack_total) = (0.0f64, 0.0f64);
     for (i, nar) in nars.iter().enumerate() {
+        let mut decoded = Vec::with_capacity(usize::try_from(nar.info.nar_size)?);
+        decoder(nar.info.compression, &nar.file[..])?.read_to_end(&mut decoded)?;
+
+        let t0 = thread_cpu();
+        let hash = NarHash::digest(&decoded);
+        hash_total += thread_cpu() - t0;
+        if hash != nar.info.nar_hash {
+            bail!("{}: NarHash mismatch", nar.info.store_path);
+        }
+
         let target = tmp.path().join(i.to_string());
         let t0 = thread_cpu();
-        decode_hash_unpack(nar, &target)?;
-        full_total += thread_cpu() - t0;
+        unpack(&decoded[..], &target, &NarLimits::default())?;
+        unpack_total += thread_cpu() - t0;
         nixenv_core::store::remove::remove_tree(&target)?;
     }
 
     println!("nars={}", nars.len());
     println!("nar_bytes={nar_bytes}");
     println!("file_bytes={file_bytes}");
+    println!("loopback_cpu_s={loopback_total:.3}");
     println!("decode_cpu_s={decode_total:.3}");
     println!("longest_decode_s={longest:.3}");
-    println!("decode_hash_unpack_cpu_s={full_total:.3}");
+    println!("hash_cpu_s={hash_total:.3}");
+    println!("unpack_cpu_s={unpack_total:.3}");
+    let work = loopback_total + decode_total + hash_total + unpack_total;
+    println!("work_cpu_s={work:.3}");
     Ok(())
 }
