@@ -39,6 +39,7 @@ pub mod node;
 pub mod node_registry;
 pub mod podman;
 pub mod python;
+pub mod scratch;
 pub mod wide;
 
 pub use cache_server::{CacheServer, Fault, RequestRecord};

@@ -192,9 +192,14 @@ impl Default for TestNode {
 impl TestNode {
     /// A new node in a fresh temp dir, with no caches or keys configured.
     pub fn new() -> TestNode {
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// [`TestNode::new`] with its temp dir under `base`.
+    pub fn new_in(base: &Path) -> TestNode {
         let dir = tempfile::Builder::new()
             .prefix("nixenv-node-")
-            .tempdir()
+            .tempdir_in(base)
             .expect("temp dir for a test node");
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
         TestNode {

@@ -1,7 +1,7 @@
-//! Packaging, end to end on this machine: `packaging/build --profile dev` writes the .deb and the
-//! .rpm; the .deb is installed with dpkg over a clean containerd configuration (a private
-//! containerd: its own root, state and socket in a temp dir); `nixenv doctor` checks the node
-//! against that containerd started from the installed configuration; remove restores the
+//! Packaging, end to end on this machine: `packaging/build --profile dev --workspace` writes the
+//! .deb and the .rpm; the .deb is installed with dpkg over a clean containerd configuration (a
+//! private containerd: its own root, state and socket in a temp dir); `nixenv doctor` checks the
+//! node against that containerd started from the installed configuration; remove restores the
 //! containerd configuration byte for byte, purge removes the store. The rpm holds the same files.
 //!
 //! Installing tests take a machine-wide lock and serialize with each other, and a Drop guard
@@ -86,11 +86,15 @@ fn packages() -> &'static Packages {
         let start = Instant::now();
         let out = run_ok(
             Command::new(format!("{WORKSPACE}/packaging/build"))
-                .args(["--profile", "dev", "--out"])
+                // --workspace: the workspace's feature set, so the tests' build is reused.
+                .args(["--profile", "dev", "--workspace", "--out"])
                 .arg(dir.path())
                 .env("CARGO_TARGET_DIR", target_dir()),
         );
-        eprintln!("packaging/build --profile dev: {:.1?}", start.elapsed());
+        eprintln!(
+            "packaging/build --profile dev --workspace: {:.1?}",
+            start.elapsed()
+        );
         let lines: Vec<PathBuf> = text(&out.stdout).lines().map(PathBuf::from).collect();
         let version = env!("CARGO_PKG_VERSION");
         let names: Vec<&str> = lines
