@@ -26,11 +26,13 @@
 //!    file system;
 //! 3. write the record: `meta/<hash>.json.tmp`, renamed to `meta/<hash>.json`;
 //! 4. make the tree and the record durable: by default ([`Durability::Syncfs`]) one
-//!    `syncfs(2)` of the store's file system, which writes back every file, directory and
-//!    inode at once (a NAR of a million entries costs one flush, not a million), shared by
-//!    the commits that run at the same time (`flush`: group commit, so a closure of many
-//!    small paths does not pay a flush per path); with [`Durability::Fsync`], every file and
-//!    directory is fsynced as the unpacker closes it and the record before its rename;
+//!    `syncfs(2)` of the store's file system (and of `meta/`'s, if another), which writes
+//!    back every file, directory and inode at once (a NAR of a million entries costs one
+//!    flush, not a million), shared by the commits that run at the same time (`flush`: group
+//!    commit, so a closure of many small paths does not pay a flush per path; once a flush
+//!    fails, every later commit of the process fails too); with [`Durability::Fsync`], every
+//!    file and directory is fsynced as the unpacker closes it and the record before its
+//!    rename;
 //! 5. **commit**: `renameat2(RENAME_NOREPLACE)` of `.tmp-<hash>` to `<hash>-<name>`;
 //! 6. make the rename durable: the next shared `syncfs` (with `Fsync`: fsync `store/` and
 //!    `meta/`).
@@ -193,7 +195,8 @@ pub struct Store {
     meta_dir: PathBuf,
     locks_dir: PathBuf,
     durability: Durability,
-    /// The store file system's `syncfs`, shared by the commits of this process.
+    /// The `syncfs` of the store's (and the records') file system, shared by the commits of
+    /// this process (through every clone of this store).
     flusher: Arc<flush::Flusher>,
 }
 
@@ -250,18 +253,23 @@ fn now() -> u64 {
 impl Store {
     /// Opens (creating if needed, mode 0755) the store under `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        let store = Store {
-            state_dir: state_dir.to_owned(),
-            store_dir: state_dir.join("store"),
-            meta_dir: state_dir.join("meta"),
-            locks_dir: state_dir.join("locks"),
-            durability: Durability::default(),
-            flusher: Arc::new(flush::Flusher::new(&state_dir.join("store"))),
-        };
-        for d in [&store.store_dir, &store.meta_dir, &store.locks_dir] {
+        let (store_dir, meta_dir) = (state_dir.join("store"), state_dir.join("meta"));
+        let locks_dir = state_dir.join("locks");
+        for d in [&store_dir, &meta_dir, &locks_dir] {
             mkdir_0755(d)?;
         }
-        Ok(store)
+        // Records and trees are made durable together: both file systems if `meta/` is on
+        // another one than `store/`.
+        let sync =
+            flush::syncfs_of(&[&store_dir, &meta_dir]).map_err(io_err("open", &store_dir))?;
+        Ok(Store {
+            state_dir: state_dir.to_owned(),
+            store_dir,
+            meta_dir,
+            locks_dir,
+            durability: Durability::default(),
+            flusher: Arc::new(flush::Flusher::new(sync)),
+        })
     }
 
     /// The same store with another durability strategy.
