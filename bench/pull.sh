@@ -6,23 +6,26 @@
 #
 # Environment: RUNS (cold runs per tool and compression, default 3), COMPRESSIONS (default
 # "xz zstd"), TMPFS=1 (both tools' stores on a tmpfs: no disk in the measurement), N (big
-# closure paths,
-# default 240), TOTAL_MB (real binary content, default 320), NIXENV / SERVER / BENCH_DECODE
-# (binaries; default: release builds in the workspace target dir, built if missing).
+# closure paths, default 240), TOTAL_MB (real binary content, default 320), CACHE_SERVER
+# (`nginx`: nginx serving the cache directories with sendfile, as a self-hosted binary cache
+# is served, the default when nginx is installed; `test`: nixenv-test-server, the default
+# otherwise), NIXENV / SERVER / BENCH_DECODE (binaries; default: release builds in the
+# workspace target dir, built if missing).
 #
 # 1. Builds with Nix a big closure (N paths, TOTAL_MB of host ELF files, a dependency chain of
 #    depth 50 plus a DAG) and a 1,000-path small closure (bench/closure.nix); signs them with
 #    the test key and makes xz and zstd caches (idempotent: reused on the next run).
-# 2. Serves each cache with nixenv-test-server (hyper, HTTP/1.1 + h2c) on 127.0.0.1.
+# 2. Serves each cache on 127.0.0.1 with nginx (one worker, sendfile, keep-alive) or
+#    nixenv-test-server (hyper, HTTP/1.1 + h2c); both tools pull from the same server.
 # 3. Cold: alternating, RUNS times: `nixenv pull ROOT` into an empty state dir, and
 #    `nix-store --store DIR --realise ROOT` (Nix's substitution into a fresh chroot store)
 #    with the same substituter and key. Prints medians and the ratio Nix/nixenv.
-#    Then the limits of the machine for the same NARs (nixenv-bench-decode, one thread, the
-#    decoder nixenv uses): the CPU time of decoding every NAR of the big closure divided by
-#    the cores (the decode limit), the same for loopback transfer + decode + SHA-256 +
-#    unpack (the work limit), and the longest single NAR's decode; prints nixenv/limit for
-#    both, and nixenv's own CPU time against the work's (what the machine's load does not
-#    change).
+#    After each nixenv run, the limits of the machine for the same NARs
+#    (nixenv-bench-decode, one thread, the decoder nixenv uses): the CPU time of decoding
+#    every NAR of the big closure divided by the cores (the decode limit), the same for
+#    loopback transfer + decode + SHA-256 + unpack (the work limit), and the longest single
+#    NAR's decode; prints the medians of the runs' nixenv/limit for both, and of nixenv's
+#    own CPU time against the work's (what the machine's load does not change).
 # 4. Peak RSS of one cold `nixenv pull` (/usr/bin/time -v).
 # 5. Warm: `nixenv pull` of the 1,000-path closure already present (hyperfine, or a loop).
 set -eu
@@ -117,14 +120,68 @@ cleanup() {
     rm -rf "$work/run"
 }
 trap cleanup EXIT INT TERM
-serve() { # DIR NAME: serve DIR in the background, set url_NAME
+if [ -z "${CACHE_SERVER:-}" ]; then
+    if command -v nginx >/dev/null; then CACHE_SERVER=nginx; else CACHE_SERVER=test; fi
+fi
+# A free TCP port on 127.0.0.1 (the kernel's choice; nginx cannot be given port 0).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+serve() { # DIR NAME: serve DIR in the background; set url_NAME, and pid_NAME to the process
+    # that serves (whose CPU time is the server's)
     rm -f "$work/url-$2"
-    "$SERVER" "$1" >"$work/url-$2" &
-    pids="$pids $!"
-    eval "pid_$2=\$!"
-    i=0
-    while [ ! -s "$work/url-$2" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
-    eval "url_$2=\$(cat \"\$work/url-$2\")"
+    case $CACHE_SERVER in
+    nginx)
+        conf="$work/nginx-$2"
+        rm -rf "$conf"
+        mkdir -p "$conf"
+        port=$(free_port)
+        cat >"$conf/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $conf/nginx.pid;
+error_log $conf/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    types { }
+    default_type application/octet-stream;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    server {
+        listen 127.0.0.1:$port;
+        root $1;
+    }
+}
+EOF
+        nginx -p "$conf" -c "$conf/nginx.conf" &
+        pids="$pids $!"
+        master=$! worker="" i=0
+        while [ -z "$worker" ] && [ $i -lt 200 ]; do
+            sleep 0.05
+            worker=$(pgrep -P "$master" | head -1 || true)
+            i=$((i + 1))
+        done
+        [ -n "$worker" ] || { echo "nginx did not start: $(cat "$conf/error.log")" >&2; exit 1; }
+        # The master opens the listening socket before it starts the worker.
+        eval "pid_$2=\$worker url_$2=http://127.0.0.1:$port"
+        ;;
+    test)
+        "$SERVER" "$1" >"$work/url-$2" &
+        pids="$pids $!"
+        eval "pid_$2=\$!"
+        i=0
+        while [ ! -s "$work/url-$2" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+        eval "url_$2=\$(cat \"\$work/url-$2\")"
+        ;;
+    *)
+        echo "CACHE_SERVER must be nginx or test, not $CACHE_SERVER" >&2
+        exit 2
+        ;;
+    esac
 }
 for c in $COMPRESSIONS; do serve "$work/cache-$c" "$c"; done
 
@@ -172,58 +229,75 @@ cores=$(nproc)
 echo
 echo "big closure: $big_paths paths, $((big_bytes / 1024 / 1024)) MiB unpacked (NarSize); small closure: $small_paths paths"
 echo "machine: $cores cores, $(uname -r); nix $(nix --version | awk '{print $3}'); nixenv $("$NIXENV" --version 2>/dev/null | awk '{print $2}')"
+echo "cache server: $CACHE_SERVER (the same for both tools)"
 echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 printf '%-6s %-12s %-12s %-8s\n' cache "nixenv (s)" "nix (s)" "nix/nixenv"
+# The limits: the work of the pull on one thread, part by part, spread over the cores, and
+# the one NAR that cannot be split, measured by nixenv-bench-decode on the same NARs right
+# after each nixenv run (this VM's speed drifts by a quarter within minutes, so each run is
+# set against a limit measured seconds after it; the ratios below are medians of the runs'
+# ratios). The decode limit is decoding alone (what bounds an xz pull); the work limit adds
+# sending and receiving the compressed bytes over loopback, SHA-256 of the NAR and unpacking
+# it into the same file system as the pull's store (what bounds a zstd pull). HTTP, the
+# store's bookkeeping and its durability are nixenv's own cost, not the limit's. With TMPFS=1
+# the store and the unpacking are on tmpfs, where all of the unpacking's CPU time is on the
+# thread that writes; on a disk the writeback is not counted. nixenv's own CPU time against
+# the work's says how far it is from the limit on a machine it has to itself; its wall time
+# also pays for whatever else the machine runs, the cache server first: "+server" is the
+# server's CPU time during the pull, and "busy" the share of both cores the two kept busy
+# over nixenv's wall time. The floor, (the work + the server's CPU time) / cores, is what no
+# client of this server could beat on these cores (the work's loopback part already counts
+# one plain sender, so it is a little high).
+mkdir -p "$work/run/limit"
+limit() { # C I: measure the limit for cache C after run I; append its parts to run/lim-*
+    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$1" "$work/run/limit" >"$work/run/limit-$1-$2"
+    for k in loopback_cpu_s decode_cpu_s hash_cpu_s unpack_cpu_s work_cpu_s longest_decode_s; do
+        sed -n "s/^$k=//p" "$work/run/limit-$1-$2" >>"$work/run/lim-$k"
+    done
+}
+ratio() { echo "($1) / ($2)" | bc -l; }
 for c in $COMPRESSIONS; do
     eval "url=\$url_$c"
-    rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv" "$work/run/cpu-server"
+    rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv" "$work/run/cpu-server" \
+        "$work/run"/lim-* "$work/run"/r-*
     eval "server_pid=\$pid_$c"
     i=0
     while [ $i -lt "$RUNS" ]; do
         run_nix "$url" "$big" >>"$work/run/t-nix"
         run_nixenv "$url" "$big" "$server_pid" >>"$work/run/t-nixenv"
+        limit "$c" "$i"
+        t=$(tail -1 "$work/run/t-nixenv") cpu=$(tail -1 "$work/run/cpu-nixenv")
+        scpu=$(tail -1 "$work/run/cpu-server")
+        dcpu=$(tail -1 "$work/run/lim-decode_cpu_s") wcpu=$(tail -1 "$work/run/lim-work_cpu_s")
+        ratio "$t" "$(ratio "$dcpu" "$cores")" >>"$work/run/r-dl"
+        ratio "$t" "$(ratio "$wcpu" "$cores")" >>"$work/run/r-wl"
+        ratio "$cpu" "$wcpu" >>"$work/run/r-cpuwork"
+        ratio "$(ratio "$cpu + $scpu" "$cores")" "$t" >>"$work/run/r-busy"
+        ratio "$t" "$(ratio "$wcpu + $scpu" "$cores")" >>"$work/run/r-floor"
         i=$((i + 1))
     done
     a=$(median <"$work/run/t-nixenv")
     b=$(median <"$work/run/t-nix")
-    eval "median_$c=\$a"
-    eval "cpu_$c=\$(median <\"\$work/run/cpu-nixenv\")"
-    eval "scpu_$c=\$(median <\"\$work/run/cpu-server\")"
+    med() { median <"$work/run/$1"; }
+    printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f %-10.2f\n' \
+        "$c" "$(med lim-loopback_cpu_s)" "$(med lim-decode_cpu_s)" "$(med lim-hash_cpu_s)" \
+        "$(med lim-unpack_cpu_s)" "$(ratio "$(med lim-decode_cpu_s)" "$cores")" "$(med r-dl)" \
+        "$(ratio "$(med lim-work_cpu_s)" "$cores")" "$(med r-wl)" "$(med lim-longest_decode_s)" \
+        "$(med cpu-nixenv)" "$(med r-cpuwork)" "$(med cpu-server)" "$(med r-busy)" "$(med r-floor)" \
+        >"$work/run/row-$c"
     printf '%-6s %-12.2f %-12.2f %-8.2f   (runs: nixenv %s; nix %s)\n' "$c" "$a" "$b" \
         "$(echo "$b / $a" | bc -l)" "$(tr '\n' ' ' <"$work/run/t-nixenv")" "$(tr '\n' ' ' <"$work/run/t-nix")"
+    printf '       (wall / work limit, run by run: %s)\n' \
+        "$(awk '{ printf "%.2f ", $1 }' "$work/run/r-wl")"
 done
 
-# The limits: the work of the pull on one thread, part by part, spread over the cores, and
-# the one NAR that cannot be split. The decode limit is decoding alone (what bounds an xz
-# pull); the work limit adds sending and receiving the compressed bytes over loopback, SHA-256
-# of the NAR and unpacking it into the same file system as the pull's store (what bounds a
-# zstd pull). HTTP, the store's bookkeeping and its durability are nixenv's own cost, not
-# the limit's. With TMPFS=1 the store and the unpacking are on tmpfs, where all of the
-# unpacking's CPU time is on the thread that writes; on a disk the writeback is not counted.
-# nixenv's own CPU time (median over the runs) says how far it is from the limit on a machine
-# it has to itself; its wall time also pays for whatever else the machine runs, the cache
-# server first: "+server" is the server's CPU time during the pull (median), and "busy" the
-# share of both cores the two kept busy over nixenv's wall time.
 echo
-echo "limits ($cores cores): CPU time (s) of one thread doing the pull's work on the same NARs, part by part"
-printf '%-6s %-8s %-8s %-8s %-8s %-8s %-9s %-8s %-9s %-8s %-11s %-9s %-8s %-6s\n' cache \
+echo "limits ($cores cores): CPU time (s) of one thread doing the pull's work on the same NARs, part by part (medians over the runs)"
+printf '%-6s %-8s %-8s %-8s %-8s %-8s %-9s %-8s %-9s %-8s %-11s %-9s %-8s %-6s %-10s\n' cache \
     loopback decode hash unpack d-limit "wall/dl" w-limit "wall/wl" "longest" "nixenv CPU" \
-    "CPU/work" "+server" "busy"
-mkdir -p "$work/run/limit"
-for c in $COMPRESSIONS; do
-    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$c" "$work/run/limit" >"$work/run/limit-$c"
-    val() { sed -n "s/^$1=//p" "$work/run/limit-$c"; }
-    dcpu=$(val decode_cpu_s) wcpu=$(val work_cpu_s)
-    dlim=$(echo "$dcpu / $cores" | bc -l)
-    wlim=$(echo "$wcpu / $cores" | bc -l)
-    eval "a=\$median_$c cpu=\$cpu_$c scpu=\$scpu_$c"
-    printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f\n' \
-        "$c" "$(val loopback_cpu_s)" "$dcpu" "$(val hash_cpu_s)" "$(val unpack_cpu_s)" \
-        "$dlim" "$(echo "$a / $dlim" | bc -l)" "$wlim" "$(echo "$a / $wlim" | bc -l)" \
-        "$(val longest_decode_s)" "$cpu" "$(echo "$cpu / $wcpu" | bc -l)" "$scpu" \
-        "$(echo "($cpu + $scpu) / $cores / $a" | bc -l)"
-done
+    "CPU/work" "+server" "busy" "wall/floor"
+for c in $COMPRESSIONS; do cat "$work/run/row-$c"; done
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
