@@ -248,11 +248,14 @@ printf '%-6s %-12s %-12s %-8s\n' cache "nixenv (s)" "nix (s)" "nix/nixenv"
 # server's CPU time during the pull, and "busy" the share of both cores the two kept busy
 # over nixenv's wall time. The floor, (the work + the server's CPU time) / cores, is what no
 # client of this server could beat on these cores (the work's loopback part already counts
-# one plain sender, so it is a little high).
+# one plain sender, so it is a little high). "1-pass" is decode + hash + unpack done in one
+# pass per NAR, interleaved as a pull does them (not part of the limit: it shows whether the
+# interleaving costs anything against the parts measured apart).
 mkdir -p "$work/run/limit"
 limit() { # C I: measure the limit for cache C after run I; append its parts to run/lim-*
     nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$1" "$work/run/limit" >"$work/run/limit-$1-$2"
-    for k in loopback_cpu_s decode_cpu_s hash_cpu_s unpack_cpu_s work_cpu_s longest_decode_s; do
+    for k in loopback_cpu_s decode_cpu_s hash_cpu_s unpack_cpu_s work_cpu_s longest_decode_s \
+        one_pass_cpu_s; do
         sed -n "s/^$k=//p" "$work/run/limit-$1-$2" >>"$work/run/lim-$k"
     done
 }
@@ -280,10 +283,11 @@ for c in $COMPRESSIONS; do
     a=$(median <"$work/run/t-nixenv")
     b=$(median <"$work/run/t-nix")
     med() { median <"$work/run/$1"; }
-    printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f %-10.2f\n' \
+    printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f %-10.2f\n' \
         "$c" "$(med lim-loopback_cpu_s)" "$(med lim-decode_cpu_s)" "$(med lim-hash_cpu_s)" \
         "$(med lim-unpack_cpu_s)" "$(ratio "$(med lim-decode_cpu_s)" "$cores")" "$(med r-dl)" \
         "$(ratio "$(med lim-work_cpu_s)" "$cores")" "$(med r-wl)" "$(med lim-longest_decode_s)" \
+        "$(med lim-one_pass_cpu_s)" \
         "$(med cpu-nixenv)" "$(med r-cpuwork)" "$(med cpu-server)" "$(med r-busy)" "$(med r-floor)" \
         >"$work/run/row-$c"
     printf '%-6s %-12.2f %-12.2f %-8.2f   (runs: nixenv %s; nix %s)\n' "$c" "$a" "$b" \
@@ -294,8 +298,8 @@ done
 
 echo
 echo "limits ($cores cores): CPU time (s) of one thread doing the pull's work on the same NARs, part by part (medians over the runs)"
-printf '%-6s %-8s %-8s %-8s %-8s %-8s %-9s %-8s %-9s %-8s %-11s %-9s %-8s %-6s %-10s\n' cache \
-    loopback decode hash unpack d-limit "wall/dl" w-limit "wall/wl" "longest" "nixenv CPU" \
+printf '%-6s %-8s %-8s %-8s %-8s %-8s %-9s %-8s %-9s %-8s %-8s %-11s %-9s %-8s %-6s %-10s\n' cache \
+    loopback decode hash unpack d-limit "wall/dl" w-limit "wall/wl" "longest" "1-pass" "nixenv CPU" \
     "CPU/work" "+server" "busy" "wall/floor"
 for c in $COMPRESSIONS; do cat "$work/run/row-$c"; done
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
