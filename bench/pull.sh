@@ -96,7 +96,8 @@ log "built in $(($(date +%s) - t0)) s: $big, $small"
 key_file="$repo/tests/fixtures/keys/nixenv-test-1.sec"
 key_pub=$(cat "$repo/tests/fixtures/keys/nixenv-test-1.pub")
 nixx store sign --key-file "$key_file" --recursive "$big" "$small"
-big_paths=$(nix-store -qR "$big" | wc -l)
+nix-store -qR "$big" >"$work/big-closure.txt"   # the NARs the limits are measured on
+big_paths=$(wc -l <"$work/big-closure.txt")
 big_bytes=$(nixx path-info -S "$big" | awk '{print $2}')
 small_paths=$(nix-store -qR "$small" | wc -l)
 
@@ -253,13 +254,14 @@ printf '%-6s %-12s %-12s %-8s\n' cache "nixenv (s)" "nix (s)" "nix/nixenv"
 # interleaving costs anything against the parts measured apart).
 mkdir -p "$work/run/limit"
 limit() { # C I: measure the limit for cache C after run I; append its parts to run/lim-*
-    nix-store -qR "$big" | "$BENCH_DECODE" "$work/cache-$1" "$work/run/limit" >"$work/run/limit-$1-$2"
+    "$BENCH_DECODE" "$work/cache-$1" "$work/run/limit" <"$work/big-closure.txt" >"$work/run/limit-$1-$2"
     for k in loopback_cpu_s decode_cpu_s hash_cpu_s unpack_cpu_s work_cpu_s longest_decode_s \
         one_pass_cpu_s; do
         sed -n "s/^$k=//p" "$work/run/limit-$1-$2" >>"$work/run/lim-$k"
     done
 }
 ratio() { echo "($1) / ($2)" | bc -l; }
+med() { median <"$work/run/$1"; }
 for c in $COMPRESSIONS; do
     eval "url=\$url_$c"
     rm -f "$work/run/t-nixenv" "$work/run/t-nix" "$work/run/cpu-nixenv" "$work/run/cpu-server" \
@@ -282,7 +284,6 @@ for c in $COMPRESSIONS; do
     done
     a=$(median <"$work/run/t-nixenv")
     b=$(median <"$work/run/t-nix")
-    med() { median <"$work/run/$1"; }
     printf '%-6s %-8.2f %-8.2f %-8.2f %-8.2f %-8.2f %-9.2f %-8.2f %-9.2f %-8.2f %-8.2f %-11.2f %-9.2f %-8.2f %-6.2f %-10.2f\n' \
         "$c" "$(med lim-loopback_cpu_s)" "$(med lim-decode_cpu_s)" "$(med lim-hash_cpu_s)" \
         "$(med lim-unpack_cpu_s)" "$(ratio "$(med lim-decode_cpu_s)" "$cores")" "$(med r-dl)" \
@@ -291,7 +292,7 @@ for c in $COMPRESSIONS; do
         "$(med cpu-nixenv)" "$(med r-cpuwork)" "$(med cpu-server)" "$(med r-busy)" "$(med r-floor)" \
         >"$work/run/row-$c"
     printf '%-6s %-12.2f %-12.2f %-8.2f   (runs: nixenv %s; nix %s)\n' "$c" "$a" "$b" \
-        "$(echo "$b / $a" | bc -l)" "$(tr '\n' ' ' <"$work/run/t-nixenv")" "$(tr '\n' ' ' <"$work/run/t-nix")"
+        "$(ratio "$b" "$a")" "$(tr '\n' ' ' <"$work/run/t-nixenv")" "$(tr '\n' ' ' <"$work/run/t-nix")"
     printf '       (wall / work limit, run by run: %s)\n' \
         "$(awk '{ printf "%.2f ", $1 }' "$work/run/r-wl")"
 done
